@@ -1,0 +1,28 @@
+# Two commands do all the set-up: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 5000
+
+.PHONY: run test worker bench clean
+
+$(BIN)/activate: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(BIN)/activate
+
+run: $(BIN)/activate
+	PUSH_ALLOW_HTTP_GATEWAYS=$${PUSH_ALLOW_HTTP_GATEWAYS:-false} \
+	  $(BIN)/flask --app app run --host 127.0.0.1 --port $(PORT)
+
+test: $(BIN)/activate
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+worker: $(BIN)/activate
+	$(BIN)/flask --app app worker
+
+bench: $(BIN)/activate
+	$(BIN)/python bench/fanout.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,769 @@
+"""The push-notification service: app factory, HTTP API, errors and the operator CLI.
+
+Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app()'``.
+"""
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+
+import click
+from flask import Flask, current_app, g, request
+from flask.views import MethodView
+from flask_smorest import Api, Blueprint
+from flask_smorest import abort as smorest_abort
+from peewee import EXCLUDED, JOIN, IntegrityError, fn
+from webargs import core
+from webargs.flaskparser import FlaskParser
+
+import crypto
+import delivery
+from models import (
+    Channel,
+    ChannelState,
+    Delivery,
+    EncryptionKey,
+    Notification,
+    Pusher,
+    Service,
+    Token,
+    User,
+    create_schema,
+    db,
+    delete_pusher,
+    drop_unused_key,
+    now,
+    open_database,
+    sqlite_path,
+    token_digest,
+    transaction,
+)
+from schemas import (
+    ChannelsSchema,
+    ChannelsUpdateSchema,
+    EmptySchema,
+    ErrorSchema,
+    MessageSchema,
+    MessagesSchema,
+    NotificationCreatedSchema,
+    NotificationRequestSchema,
+    PushersSchema,
+    PusherSetSchema,
+    classify,
+    compact_json,
+)
+
+log = logging.getLogger("push")
+
+#: Every setting, with its default. Environment variables carry the prefix ``PUSH_``;
+#: ``instance/config.py`` and test mappings use the bare names.
+DEFAULTS = {
+    "DATABASE_URL": None,  # None: push.sqlite3 in the instance folder
+    "SERVER_KEY": None,  # hex or base64 of 32 bytes; None: instance/server.key
+    "ALLOW_HTTP_GATEWAYS": False,
+    "ALLOW_PRIVATE_GATEWAYS": False,
+    "GATEWAY_ALLOWLIST": "",
+    "ENCRYPTION": "optional",
+    "RETRY_INITIAL_SECONDS": 1.0,
+    "RETRY_MAX_SECONDS": 3600.0,
+    "RETRY_GIVE_UP_SECONDS": 86400.0,
+    "HISTORY_DAYS": 30.0,
+    "HISTORY_LIMIT": 1000,
+    "EMBEDDED_WORKER": True,
+    "MAX_BODY_BYTES": 65536,
+    "MAX_PUSHERS_PER_USER": 50,
+    "RATE_LIMIT_ENABLED": True,
+    "RATE_LIMIT_PER_MINUTE": 600,
+    "GATEWAY_CONNECT_TIMEOUT": 5.0,
+    "GATEWAY_READ_TIMEOUT": 10.0,
+    "GATEWAY_MAX_RESPONSE_BYTES": 65536,
+    "WORKER_THREADS": 8,
+    "WORKER_CLAIM": 200,
+    "WORKER_POLL_SECONDS": 1.0,
+    "DELIVERY_LEASE_SECONDS": 120.0,
+}
+
+ENCRYPTION_POLICIES = ("optional", "required", "forbidden")
+PREFIX = "/push/v1"
+
+
+def create_app(test_config=None):
+    """Build the app: config, database, schema, API and CLI."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(DEFAULTS)
+    app.config.update(
+        API_TITLE="Push notification service",
+        API_VERSION="1.0.0",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    )
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.from_prefixed_env(prefix="PUSH")
+    if test_config:
+        app.config.from_mapping(test_config)
+    normalize_config(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    url = app.config["DATABASE_URL"] or sqlite_path(app.instance_path)
+    db.initialize(open_database(url))
+    create_schema(os.path.join(app.instance_path, ".schema.lock"))
+    app.extensions["push_server_key"] = crypto.ServerKey.load(
+        app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
+    )
+    app.extensions["push_rate_limiter"] = RateLimiter(app.config["RATE_LIMIT_PER_MINUTE"])
+
+    @app.before_request
+    def open_connection():
+        db.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def close_connection(exc):
+        if not db.is_closed():
+            db.close()
+
+    @app.get("/healthz")
+    def healthz():
+        """Liveness and database check."""
+        db.execute_sql("SELECT 1")
+        return {"status": "ok"}
+
+    api = PushApi(app)
+    for blueprint in (pushers_blp, channels_blp, notifications_blp, history_blp):
+        api.register_blueprint(blueprint, url_prefix=PREFIX)
+    api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+
+    register_cli(app)
+    if app.config["EMBEDDED_WORKER"] and serves_http():
+        delivery.start_embedded(app)
+    return app
+
+
+def normalize_config(config):
+    """Coerce settings given as strings (environment, config files) to their default's type."""
+    for key, default in DEFAULTS.items():
+        value = config.get(key)
+        if value is None or isinstance(default, str) or default is None:
+            continue
+        try:
+            if isinstance(default, bool):
+                if isinstance(value, str):
+                    if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.strip().lower() in ("true", "1", "yes")
+                config[key] = bool(value)
+            else:
+                config[key] = type(default)(value)
+        except (TypeError, ValueError):
+            raise RuntimeError(f"PUSH_{key}: cannot read {value!r} as {type(default).__name__}")
+    allowlist = config["GATEWAY_ALLOWLIST"]
+    if isinstance(allowlist, str):
+        config["GATEWAY_ALLOWLIST"] = [p.strip() for p in allowlist.split(",") if p.strip()]
+    if config["ENCRYPTION"] not in ENCRYPTION_POLICIES:
+        raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
+    unknown = [k for k in config if k.isupper() and k.startswith("PUSH_")]
+    for key in unknown:
+        log.warning("config key %s has the PUSH_ prefix; in config.py write %s", key, key[5:])
+
+
+def serves_http():
+    """True unless we are inside a CLI command other than ``flask run``."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is None or ctx.info_name == "run"
+
+
+# --- errors -------------------------------------------------------------------------------
+
+DEFAULT_ERRORS = {
+    400: ("M_BAD_JSON", "Bad request"),
+    401: ("M_MISSING_TOKEN", "Missing access token"),
+    403: ("M_FORBIDDEN", "Forbidden"),
+    404: ("M_UNRECOGNIZED", "Unrecognized request"),
+    405: ("M_UNRECOGNIZED", "Method not allowed"),
+    413: ("M_TOO_LARGE", "Request body too large"),
+    429: ("M_LIMIT_EXCEEDED", "Too many requests"),
+}
+
+
+def abort(status, errcode, message, **extra):
+    """Stop the request with a ``{"errcode", "error"}`` body."""
+    smorest_abort(status, errcode=errcode, message=message, **extra)
+
+
+class PushApi(Api):
+    """The Api that renders every HTTP error as ``{"errcode", "error"}``."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error):
+        """One JSON error body for aborts, routing errors, 413s and unexpected 500s."""
+        data = getattr(error, "data", None) or {}
+        errcode, message = DEFAULT_ERRORS.get(error.code, ("M_UNKNOWN", "Internal server error"))
+        body = {"errcode": data.get("errcode", errcode), "error": data.get("message", message)}
+        headers = dict(data.get("headers") or {})
+        if "retry_after_ms" in data:
+            body["retry_after_ms"] = data["retry_after_ms"]
+            headers["Retry-After"] = str(max(1, -(-data["retry_after_ms"] // 1000)))
+        if error.code == 405 and getattr(error, "valid_methods", None):
+            headers["Allow"] = ", ".join(error.valid_methods)
+        return body, error.code, headers
+
+
+class JSONBodyParser(FlaskParser):
+    """Reads any request body as JSON (whatever its Content-Type) and maps errors to errcodes."""
+
+    def _raw_load_json(self, req):
+        data = req.get_data(cache=True)
+        if not data.strip():
+            abort(400, "M_NOT_JSON", "The request body must be a JSON object")
+        return core.parse_json(data)
+
+    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
+        abort(400, "M_NOT_JSON", "The request body is not valid JSON")
+
+    def handle_error(self, error, req, schema, *, error_status_code, error_headers):
+        messages = error.messages
+        if isinstance(messages, dict) and set(messages) == {"json"}:
+            messages = messages["json"]  # webargs files body errors under the location name
+        errcode, message = classify(messages)
+        abort(400, errcode, message)
+
+
+class PushBlueprint(Blueprint):
+    ARGUMENTS_PARSER = JSONBodyParser()
+
+
+def documented_errors(blp, *statuses):
+    """Decorator: document the error responses of a view with the real error shape."""
+
+    def decorate(func):
+        for status in statuses:
+            func = blp.alt_response(status, schema=ErrorSchema, description="Error")(func)
+        return func
+
+    return decorate
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A per-token sliding one-minute budget, per process (a cheap guard, not a quota)."""
+
+    def __init__(self, per_minute):
+        self.per_minute = per_minute
+        self.lock = threading.Lock()
+        self.windows = {}
+
+    def check(self, key):
+        """Return the milliseconds to wait, or 0 when the request may go ahead."""
+        current = time.monotonic()
+        with self.lock:
+            start, count = self.windows.get(key, (current, 0))
+            if current - start >= 60:
+                start, count = current, 0
+            if count >= self.per_minute:
+                return int((start + 60 - current) * 1000) + 1
+            self.windows[key] = (start, count + 1)
+            if len(self.windows) > 100_000:
+                self.windows = {k: v for k, v in self.windows.items() if current - v[0] < 60}
+            return 0
+
+
+def authenticate(kind):
+    """The user or service behind the bearer token; aborts with 401/403/429 otherwise."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        abort(401, "M_MISSING_TOKEN", "Missing access token")
+    digest = token_digest(token)
+    row = Token.get_or_none((Token.digest == digest) & Token.revoked_at.is_null())
+    if row is None:
+        abort(401, "M_UNKNOWN_TOKEN", "Unknown or revoked access token")
+    owner_id = row.user_id if kind == "user" else row.service_id
+    if owner_id is None:
+        abort(403, "M_FORBIDDEN", f"This endpoint needs a {kind} token")
+    if current_app.config["RATE_LIMIT_ENABLED"]:
+        wait_ms = current_app.extensions["push_rate_limiter"].check(digest)
+        if wait_ms:
+            abort(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=wait_ms)
+    return owner_id
+
+
+# --- pushers --------------------------------------------------------------------------------
+
+pushers_blp = PushBlueprint("pushers", __name__, description="Register devices (pushers)")
+
+
+def pusher_out(pusher):
+    """A pusher as the client sees it: never the iss or a key."""
+    out = {
+        "pushkey": pusher.pushkey,
+        "kind": pusher.kind,
+        "app_id": pusher.app_id,
+        "app_display_name": pusher.app_display_name,
+        "device_display_name": pusher.device_display_name,
+        "lang": pusher.lang,
+        "data": json.loads(pusher.data),
+        "pushkey_ts": pusher.pushkey_ts,
+    }
+    if pusher.profile_tag is not None:
+        out["profile_tag"] = pusher.profile_tag
+    if pusher.encryption_key_id is not None:
+        out["encryption"] = {"method": "aes-hmac-sha256",
+                             "key_identifier": pusher.encryption_key.key_identifier}
+    return out
+
+
+def register_key(encryption):
+    """The stored key for this key_identifier; made from the iss on first sight.
+
+    A known key_identifier with a different iss is refused; with the same iss, the ratchet
+    stays where it is.
+    """
+    server_key = current_app.extensions["push_server_key"]
+    iss = bytes.fromhex(encryption["iss"])
+    fingerprint = server_key.iss_fingerprint(iss)
+    key_identifier = encryption["key_identifier"]
+    key = EncryptionKey.get_or_none(EncryptionKey.key_identifier == key_identifier)
+    if key is not None:
+        if not secrets.compare_digest(key.iss_fingerprint, fingerprint):
+            abort(400, "M_INVALID_PARAM", "key_identifier is already in use with a different iss")
+        return key
+    generation = crypto.first_generation(iss, encryption["initial_key_period"])
+    return EncryptionKey.create(
+        key_identifier=key_identifier,
+        iss_fingerprint=fingerprint,
+        period=generation.period,
+        sealed=server_key.seal_generation(key_identifier, generation),
+    )
+
+
+@pushers_blp.route("/pushers")
+class Pushers(MethodView):
+    @pushers_blp.response(200, PushersSchema)
+    @documented_errors(pushers_blp, 401, 403, 429)
+    @pushers_blp.doc(security=[{"bearer": []}])
+    def get(self):
+        """List the caller's pushers, oldest first."""
+        user_id = authenticate("user")
+        pushers = (Pusher.select(Pusher, EncryptionKey)
+                   .join(EncryptionKey, JOIN.LEFT_OUTER)
+                   .where(Pusher.user == user_id)
+                   .order_by(Pusher.created_at, Pusher.id))
+        return {"pushers": [pusher_out(p) for p in pushers]}
+
+
+@pushers_blp.route("/pushers/set")
+class PusherSet(MethodView):
+    @pushers_blp.arguments(PusherSetSchema)
+    @pushers_blp.response(200, EmptySchema)
+    @documented_errors(pushers_blp, 400, 401, 403, 413, 429)
+    @pushers_blp.doc(security=[{"bearer": []}])
+    def post(self, body):
+        """Create, update (kind "http") or delete (kind null) one pusher of the caller."""
+        user_id = authenticate("user")
+        match = ((Pusher.user == user_id) & (Pusher.app_id == body["app_id"])
+                 & (Pusher.pushkey == body["pushkey"]))
+        if body["kind"] is None:
+            with transaction():
+                for pusher in Pusher.select().where(match):
+                    delete_pusher(pusher)
+            return {}
+
+        encryption = body.get("encryption")
+        policy = current_app.config["ENCRYPTION"]
+        if policy == "required" and not encryption:
+            abort(400, "M_MISSING_PARAM", "Missing parameters: encryption")
+        if policy == "forbidden" and encryption:
+            abort(400, "M_INVALID_PARAM", "This server does not accept encryption")
+
+        values = {
+            "kind": body["kind"],
+            "app_display_name": body["app_display_name"],
+            "device_display_name": body["device_display_name"],
+            "profile_tag": body.get("profile_tag"),
+            "lang": body["lang"],
+            "data": compact_json(body["data"]).decode(),
+            "pushkey_ts": now(),
+        }
+        with transaction():
+            values["encryption_key"] = register_key(encryption) if encryption else None
+            pusher = Pusher.get_or_none(match)
+            if pusher is None:
+                count = Pusher.select().where(Pusher.user == user_id).count()
+                if count >= current_app.config["MAX_PUSHERS_PER_USER"]:
+                    abort(403, "M_RESOURCE_LIMIT_EXCEEDED",
+                          f"A user may have at most {current_app.config['MAX_PUSHERS_PER_USER']}"
+                          " pushers")
+                Pusher.create(user=user_id, app_id=body["app_id"], pushkey=body["pushkey"],
+                              **values)
+            else:
+                old_key = pusher.encryption_key_id
+                Pusher.update(values).where(Pusher.id == pusher.id).execute()
+                if old_key is not None and old_key != getattr(values["encryption_key"], "id", None):
+                    drop_unused_key(old_key)
+            if not body["append"]:
+                others = Pusher.select().where(
+                    (Pusher.app_id == body["app_id"]) & (Pusher.pushkey == body["pushkey"])
+                    & (Pusher.user != user_id))
+                for other in others:
+                    delete_pusher(other)
+        return {}
+
+
+# --- channels -------------------------------------------------------------------------------
+
+channels_blp = PushBlueprint("channels", __name__, description="Pick notification channels")
+
+
+def own_device_or_404(user_id, pushkey):
+    """404 unless the caller has a pusher with this pushkey."""
+    exists = Pusher.select().where((Pusher.user == user_id) & (Pusher.pushkey == pushkey)).exists()
+    if not exists:
+        abort(404, "M_NOT_FOUND", "No pusher with this pushkey")
+
+
+@channels_blp.route("/channels")
+class Channels(MethodView):
+    @channels_blp.response(200, ChannelsSchema)
+    @documented_errors(channels_blp, 401, 403, 429)
+    @channels_blp.doc(security=[{"bearer": []}])
+    def get(self):
+        """The channel catalogue with each channel's default status."""
+        authenticate("user")
+        channels = Channel.select().order_by(Channel.id)
+        return {"channels": [{"id": c.id, "status": c.default_status} for c in channels]}
+
+
+@channels_blp.route("/channels/<path:pushkey>")
+class DeviceChannels(MethodView):
+    @channels_blp.response(200, ChannelsSchema)
+    @documented_errors(channels_blp, 401, 403, 404, 429)
+    @channels_blp.doc(security=[{"bearer": []}])
+    def get(self, pushkey):
+        """Every catalogue channel with this device's state: enabled, disabled or not_set."""
+        user_id = authenticate("user")
+        own_device_or_404(user_id, pushkey)
+        states = dict(
+            ChannelState.select(ChannelState.channel, ChannelState.status)
+            .where((ChannelState.user == user_id) & (ChannelState.pushkey == pushkey))
+            .tuples()
+        )
+        channels = Channel.select(Channel.id).order_by(Channel.id).tuples()
+        return {"channels": [{"id": cid, "status": states.get(cid, "not_set")}
+                             for (cid,) in channels]}
+
+    @channels_blp.arguments(ChannelsUpdateSchema)
+    @channels_blp.response(200, EmptySchema)
+    @documented_errors(channels_blp, 400, 401, 403, 404, 413, 429)
+    @channels_blp.doc(security=[{"bearer": []}])
+    def post(self, body, pushkey):
+        """Change some channel states of this device; all or nothing."""
+        user_id = authenticate("user")
+        changes = body["channels"]
+        names = [change["name"] for change in changes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            abort(400, "M_INVALID_PARAM", f"Channel named more than once: {', '.join(duplicates)}")
+        with transaction():
+            own_device_or_404(user_id, pushkey)
+            known = {cid for (cid,) in Channel.select(Channel.id).where(Channel.id.in_(names))
+                     .tuples()} if names else set()
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                abort(400, "M_INVALID_PARAM", f"Unknown channel: {', '.join(unknown)}")
+            device = (ChannelState.user == user_id) & (ChannelState.pushkey == pushkey)
+            cleared = [c["name"] for c in changes if c["value"] == "not_set"]
+            if cleared:
+                ChannelState.delete().where(device & ChannelState.channel.in_(cleared)).execute()
+            rows = [{"user": user_id, "pushkey": pushkey, "channel": c["name"],
+                     "status": c["value"]} for c in changes if c["value"] != "not_set"]
+            if rows:
+                (ChannelState.insert_many(rows)
+                 .on_conflict(conflict_target=[ChannelState.user, ChannelState.pushkey,
+                                               ChannelState.channel],
+                              update={ChannelState.status: EXCLUDED.status})
+                 .execute())
+        return {}
+
+
+# --- sending --------------------------------------------------------------------------------
+
+notifications_blp = PushBlueprint("notifications", __name__,
+                                  description="Send notifications (service token)")
+
+
+def recipients(user_id, channel):
+    """The user's pushers whose device gets ``channel`` (explicit state, else the default)."""
+    state = ChannelState.alias()
+    on = ((state.user == Pusher.user) & (state.pushkey == Pusher.pushkey)
+          & (state.channel == channel.id))
+    wanted = state.status == "enabled"
+    if channel.default_status == "enabled":
+        wanted = wanted | state.status.is_null()
+    return (Pusher.select(Pusher.id, Pusher.pushkey)
+            .join(state, JOIN.LEFT_OUTER, on=on)
+            .where((Pusher.user == user_id) & wanted)
+            .order_by(Pusher.id))
+
+
+@notifications_blp.route("/notifications")
+class Notifications(MethodView):
+    @notifications_blp.arguments(NotificationRequestSchema)
+    @notifications_blp.response(202, NotificationCreatedSchema)
+    @documented_errors(notifications_blp, 400, 401, 403, 413, 429)
+    @notifications_blp.doc(security=[{"bearer": []}])
+    def post(self, body):
+        """Queue one notification for every subscribed device of a user."""
+        service_id = authenticate("service")
+        payload = compact_json(body["payload"])
+        if len(payload) > crypto.MAX_PAYLOAD_BYTES:
+            abort(413, "M_TOO_LARGE",
+                  f"payload is {len(payload)} bytes of JSON; at most {crypto.MAX_PAYLOAD_BYTES} fit")
+        channel = Channel.get_or_none(Channel.id == body["channel"])
+        if channel is None:
+            abort(400, "M_INVALID_PARAM", f"Unknown channel: {body['channel']}")
+        identifier = body.get("identifier")
+        try:
+            with transaction():
+                if identifier is not None:
+                    earlier = Notification.get_or_none((Notification.service == service_id)
+                                                       & (Notification.identifier == identifier))
+                    if earlier is not None:
+                        return created(earlier.id)
+                user = User.get_or_none(User.name == body["user_id"])
+                created_at = time.time()
+                notification = Notification.create(
+                    id=uuid.uuid4().hex, service=service_id, identifier=identifier,
+                    user=user, channel=channel.id, payload=payload.decode(), prio=body["prio"],
+                    counts=json.dumps(body["counts"]) if "counts" in body else None,
+                    created_at=created_at,
+                )
+                rows = [] if user is None else [
+                    {"notification": notification.id, "pusher": p.id, "user": user.id,
+                     "pushkey": p.pushkey, "next_attempt_at": created_at,
+                     "created_at": created_at}
+                    for p in recipients(user.id, channel)
+                ]
+                for start in range(0, len(rows), 500):
+                    Delivery.insert_many(rows[start:start + 500]).execute()
+        except IntegrityError:
+            # The same identifier raced in from another process; answer with the winner.
+            earlier = Notification.get((Notification.service == service_id)
+                                       & (Notification.identifier == identifier))
+            return created(earlier.id)
+        if rows:
+            delivery.wake()
+        return {"notification_id": notification.id, "deliveries": len(rows)}
+
+
+def created(notification_id):
+    """The 202 body of an already stored notification."""
+    count = Delivery.select().where(Delivery.notification == notification_id).count()
+    return {"notification_id": notification_id, "deliveries": count}
+
+
+# --- history --------------------------------------------------------------------------------
+
+history_blp = PushBlueprint("history", __name__, description="Notifications sent to the caller")
+
+
+def message_out(notification):
+    return {"identifier": notification.id, "payload": json.loads(notification.payload)}
+
+
+@history_blp.route("/history/<string:notification_id>")
+class HistoryItem(MethodView):
+    @history_blp.response(200, MessageSchema)
+    @documented_errors(history_blp, 401, 403, 404, 429)
+    @history_blp.doc(security=[{"bearer": []}])
+    def get(self, notification_id):
+        """One notification sent to the caller."""
+        user_id = authenticate("user")
+        notification = Notification.get_or_none((Notification.id == notification_id)
+                                                 & (Notification.user == user_id))
+        if notification is None:
+            abort(404, "M_NOT_FOUND", "No such notification")
+        return message_out(notification)
+
+
+@history_blp.route("/history/device/<path:pushkey>")
+class DeviceHistory(MethodView):
+    @history_blp.response(200, MessagesSchema)
+    @documented_errors(history_blp, 401, 403, 404, 429)
+    @history_blp.doc(security=[{"bearer": []}])
+    def get(self, pushkey):
+        """Notifications addressed to one of the caller's devices, newest first."""
+        user_id = authenticate("user")
+        notifications = (Notification.select(Notification.id, Notification.payload)
+                         .join(Delivery)
+                         .where((Delivery.user == user_id) & (Delivery.pushkey == pushkey))
+                         .group_by(Notification.id, Notification.payload)
+                         .order_by(fn.MAX(Notification.created_at).desc(), Notification.id.desc())
+                         .limit(current_app.config["HISTORY_LIMIT"]))
+        messages = [message_out(n) for n in notifications]
+        if not messages:
+            own_device_or_404(user_id, pushkey)
+        return {"messages": messages}
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def new_token(prefix, **owner):
+    """Create a random token for a user or service; returns it (shown once, stored hashed)."""
+    token = prefix + secrets.token_urlsafe(32)
+    Token.create(digest=token_digest(token), **owner)
+    return token
+
+
+def register_cli(app):
+    """The operator commands: users, services, channels, worker, deliveries."""
+    users = app.cli.group("users", help="Manage users and their tokens.")(lambda: None)
+    services = app.cli.group("services", help="Manage sending services.")(lambda: None)
+    channels = app.cli.group("channels", help="Manage the channel catalogue.")(lambda: None)
+
+    def get_user(name):
+        user = User.get_or_none(User.name == name)
+        if user is None:
+            raise click.ClickException(f"no user {name!r}")
+        return user
+
+    @users.command("create")
+    @click.argument("user_id")
+    def users_create(user_id):
+        """Create a user and print a new bearer token (last line)."""
+        with db.connection_context(), transaction():
+            if User.get_or_none(User.name == user_id):
+                raise click.ClickException(f"user {user_id!r} exists; use 'users token'")
+            token = new_token("pu_", user=User.create(name=user_id))
+        click.echo(f"created user {user_id}; its token (shown once):")
+        click.echo(token)
+
+    @users.command("token")
+    @click.argument("user_id")
+    def users_token(user_id):
+        """Print a new bearer token for an existing user (last line)."""
+        with db.connection_context(), transaction():
+            token = new_token("pu_", user=get_user(user_id))
+        click.echo(f"new token for {user_id} (shown once):")
+        click.echo(token)
+
+    @users.command("list")
+    def users_list():
+        """List users with their pusher and live token counts."""
+        with db.connection_context():
+            for user in User.select().order_by(User.name):
+                tokens = user.tokens.where(Token.revoked_at.is_null()).count()
+                click.echo(f"{user.name}\tpushers={user.pushers.count()}\ttokens={tokens}")
+
+    @users.command("revoke")
+    @click.argument("user_id")
+    def users_revoke(user_id):
+        """Revoke every token of a user."""
+        with db.connection_context(), transaction():
+            count = (Token.update(revoked_at=now())
+                     .where((Token.user == get_user(user_id)) & Token.revoked_at.is_null())
+                     .execute())
+        click.echo(f"revoked {count} token(s) of {user_id}")
+
+    @users.command("delete")
+    @click.argument("user_id")
+    def users_delete(user_id):
+        """Delete a user with their tokens, pushers, channel states and history."""
+        with db.connection_context(), transaction():
+            user = get_user(user_id)
+            for pusher in user.pushers:
+                delete_pusher(pusher)
+            user.delete_instance(recursive=True)
+        click.echo(f"deleted user {user_id}")
+
+    def get_service(name):
+        service = Service.get_or_none(Service.name == name)
+        if service is None:
+            raise click.ClickException(f"no service {name!r}")
+        return service
+
+    @services.command("create")
+    @click.argument("name")
+    def services_create(name):
+        """Create a service, or a new token for it; prints the token (last line)."""
+        with db.connection_context(), transaction():
+            service, _ = Service.get_or_create(name=name)
+            token = new_token("ps_", service=service)
+        click.echo(f"service {name}; its token (shown once):")
+        click.echo(token)
+
+    @services.command("list")
+    def services_list():
+        """List services with their live token counts."""
+        with db.connection_context():
+            for service in Service.select().order_by(Service.name):
+                tokens = service.tokens.where(Token.revoked_at.is_null()).count()
+                click.echo(f"{service.name}\ttokens={tokens}")
+
+    @services.command("revoke")
+    @click.argument("name")
+    def services_revoke(name):
+        """Revoke every token of a service."""
+        with db.connection_context(), transaction():
+            count = (Token.update(revoked_at=now())
+                     .where((Token.service == get_service(name)) & Token.revoked_at.is_null())
+                     .execute())
+        click.echo(f"revoked {count} token(s) of {name}")
+
+    @channels.command("add")
+    @click.argument("channel_id")
+    @click.option("--default", "default_status", type=click.Choice(["enabled", "disabled"]),
+                  default="disabled", show_default=True, help="State of devices that set none.")
+    @click.option("--description", default="", help="What the channel is for.")
+    def channels_add(channel_id, default_status, description):
+        """Add a channel to the catalogue, or change its default and description."""
+        with db.connection_context(), transaction():
+            (Channel.insert(id=channel_id, default_status=default_status, description=description)
+             .on_conflict(conflict_target=[Channel.id],
+                          update={Channel.default_status: default_status,
+                                  Channel.description: description})
+             .execute())
+        click.echo(f"channel {channel_id} (default {default_status})")
+
+    @channels.command("list")
+    def channels_list():
+        """List the channel catalogue."""
+        with db.connection_context():
+            for channel in Channel.select().order_by(Channel.id):
+                click.echo(f"{channel.id}\t{channel.default_status}\t{channel.description}")
+
+    @channels.command("remove")
+    @click.argument("channel_id")
+    def channels_remove(channel_id):
+        """Remove a channel and every device's state for it."""
+        with db.connection_context(), transaction():
+            if not Channel.delete().where(Channel.id == channel_id).execute():
+                raise click.ClickException(f"no channel {channel_id!r}")
+        click.echo(f"removed channel {channel_id}")
+
+    @app.cli.command("worker")
+    def worker_command():
+        """Run the delivery worker in the foreground (Ctrl-C stops it)."""
+        delivery.run_forever(current_app._get_current_object())
+
+    @app.cli.command("deliveries")
+    def deliveries_command():
+        """Show pending, delivered and failed deliveries and the oldest pending age."""
+        with db.connection_context():
+            stats = delivery.stats()
+        for key, value in stats.items():
+            click.echo(f"{key}\t{value}")

@@ -1,0 +1,217 @@
+"""Database models (peewee) and the few queries that several parts of the app share.
+
+Times are unix seconds (integers, or floats where sub-second scheduling matters) so the same
+schema works on SQLite and PostgreSQL.
+"""
+
+import fcntl
+import hashlib
+import os
+import time
+
+from peewee import (
+    BlobField,
+    BooleanField,
+    CharField,
+    DatabaseProxy,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    SqliteDatabase,
+    TextField,
+)
+from playhouse.db_url import connect
+
+db = DatabaseProxy()
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "foreign_keys": 1,
+    "busy_timeout": 30000,
+    "synchronous": "normal",
+}
+
+
+def now():
+    """Current unix time in whole seconds."""
+    return int(time.time())
+
+
+def token_digest(token):
+    """How a bearer token is stored: its SHA-256, never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+
+
+class User(BaseModel):
+    """An app user; owns pushers and receives notifications."""
+
+    name = CharField(max_length=255, unique=True)
+    created_at = IntegerField(default=now)
+
+
+class Service(BaseModel):
+    """An operator backend allowed to send notifications."""
+
+    name = CharField(max_length=255, unique=True)
+    created_at = IntegerField(default=now)
+
+
+class Token(BaseModel):
+    """A bearer token of a user or a service, stored as a digest."""
+
+    digest = CharField(max_length=64, unique=True)
+    user = ForeignKeyField(User, null=True, backref="tokens", on_delete="CASCADE")
+    service = ForeignKeyField(Service, null=True, backref="tokens", on_delete="CASCADE")
+    created_at = IntegerField(default=now)
+    revoked_at = IntegerField(null=True)
+
+
+class Channel(BaseModel):
+    """A notification channel of the operator's catalogue."""
+
+    id = CharField(max_length=255, primary_key=True)
+    description = TextField(default="")
+    default_status = CharField(max_length=8, default="disabled")
+
+
+class EncryptionKey(BaseModel):
+    """The youngest key generation of one key_identifier, encrypted under the server key.
+
+    The iss is never stored; ``iss_fingerprint`` (an HMAC under the server key) tells whether a
+    later registration brings the same iss.
+    """
+
+    key_identifier = CharField(max_length=128, unique=True)
+    iss_fingerprint = CharField(max_length=64)
+    period = CharField(max_length=7)
+    sealed = BlobField()
+
+
+class Pusher(BaseModel):
+    """One registration of a device for a user (SPEC section 1)."""
+
+    user = ForeignKeyField(User, backref="pushers", on_delete="CASCADE")
+    app_id = CharField(max_length=64)
+    pushkey = CharField(max_length=512)
+    kind = CharField(max_length=16)
+    app_display_name = CharField(max_length=255)
+    device_display_name = CharField(max_length=255)
+    profile_tag = CharField(max_length=255, null=True)
+    lang = CharField(max_length=32)
+    data = TextField()
+    pushkey_ts = IntegerField()
+    encryption_key = ForeignKeyField(EncryptionKey, null=True, on_delete="SET NULL")
+    created_at = FloatField(default=time.time)
+
+    class Meta:
+        indexes = ((("user", "app_id", "pushkey"), True), (("app_id", "pushkey"), False))
+
+
+class ChannelState(BaseModel):
+    """An explicit channel state of a device, i.e. of (user, pushkey)."""
+
+    user = ForeignKeyField(User, on_delete="CASCADE")
+    pushkey = CharField(max_length=512)
+    channel = ForeignKeyField(Channel, on_delete="CASCADE")
+    status = CharField(max_length=8)
+
+    class Meta:
+        indexes = ((("user", "pushkey", "channel"), True),)
+
+
+class Notification(BaseModel):
+    """One event sent by a service for a user on a channel; kept as history."""
+
+    id = CharField(max_length=32, primary_key=True)
+    service = ForeignKeyField(Service, null=True, on_delete="SET NULL")
+    identifier = CharField(max_length=255, null=True)
+    user = ForeignKeyField(User, null=True, on_delete="CASCADE")
+    channel = CharField(max_length=255)
+    payload = TextField()
+    prio = CharField(max_length=4)
+    counts = TextField(null=True)
+    created_at = FloatField(index=True)
+
+    class Meta:
+        indexes = ((("service", "identifier"), True),)
+
+
+class Delivery(BaseModel):
+    """One notification to one pusher: queued, then delivered or failed for good."""
+
+    notification = ForeignKeyField(Notification, backref="deliveries", on_delete="CASCADE")
+    pusher = ForeignKeyField(Pusher, null=True, on_delete="SET NULL")
+    user = ForeignKeyField(User, on_delete="CASCADE")
+    pushkey = CharField(max_length=512)
+    state = CharField(max_length=9, default="pending")
+    attempts = IntegerField(default=0)
+    next_attempt_at = FloatField()
+    lease_owner = CharField(max_length=64, null=True)
+    lease_until = FloatField(null=True)
+    last_error = TextField(null=True)
+    finished_at = FloatField(null=True)
+    created_at = FloatField()
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False), (("user", "pushkey"), False))
+
+
+MODELS = [User, Service, Token, Channel, EncryptionKey, Pusher, ChannelState, Notification,
+          Delivery]
+
+
+def open_database(url):
+    """A peewee database for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite:"):
+        path = url.split(":///", 1)[1] if ":///" in url else url[len("sqlite:"):]
+        return SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
+    return connect(url)
+
+
+def create_schema(lock_path):
+    """Create missing tables once, under a file lock, so workers booting together don't race."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with db.connection_context():
+                db.create_tables(MODELS, safe=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def transaction():
+    """A write transaction; IMMEDIATE on SQLite so a read-then-write never hits "locked"."""
+    if isinstance(db.obj, SqliteDatabase):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()
+
+
+def delete_pusher(pusher):
+    """Remove one pusher; the device's channel states go with its last pusher."""
+    pusher.delete_instance()
+    remaining = Pusher.select().where(
+        (Pusher.user == pusher.user_id) & (Pusher.pushkey == pusher.pushkey)
+    ).exists()
+    if not remaining:
+        ChannelState.delete().where(
+            (ChannelState.user == pusher.user_id) & (ChannelState.pushkey == pusher.pushkey)
+        ).execute()
+    if pusher.encryption_key_id is not None:
+        drop_unused_key(pusher.encryption_key_id)
+
+
+def drop_unused_key(key_id):
+    """Delete a key generation no pusher refers to any more."""
+    if not Pusher.select().where(Pusher.encryption_key == key_id).exists():
+        EncryptionKey.delete().where(EncryptionKey.id == key_id).execute()
+
+
+def sqlite_path(instance_path):
+    """The default database URL: a file in the instance folder."""
+    return "sqlite:///" + os.path.join(instance_path, "push.sqlite3")

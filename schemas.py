@@ -1,0 +1,294 @@
+"""Request and response schemas (marshmallow 4) and the mapping of their errors to errcodes.
+
+Types are strict: a JSON string is a string, a boolean a boolean, an integer an integer.
+Unknown top-level keys are dropped (clients send extras); missing fields, wrong types and bad
+values each map to their own errcode (SPEC section 3).
+"""
+
+import json
+import re
+from urllib.parse import urlsplit
+
+from flask import current_app
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates,
+    validates_schema,
+)
+
+REQUIRED_MESSAGE = fields.Field.default_error_messages["required"]
+STATUSES = ("enabled", "disabled", "not_set")
+GATEWAY_PATHS = ("/_matrix/push/v1/notify", "/push/v1/notify", "/push/v1/")
+MAX_DATA_BYTES = 4096
+PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+HEX256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def compact_json(value):
+    """The compact UTF-8 JSON of a value, as stored and as sealed."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class StrictBoolean(fields.Boolean):
+    """A boolean that accepts only JSON true and false."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictInteger(fields.Integer):
+    """An integer that accepts only JSON integers (not booleans, floats or strings)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def utf8_length(low, high):
+    """A validator for a string's length in UTF-8 bytes."""
+
+    def check(value):
+        size = len(value.encode())
+        if not low <= size <= high:
+            raise ValidationError(f"Length must be between {low} and {high} bytes.")
+
+    return check
+
+
+# Messages that mean "this has the wrong JSON type": mapped to M_BAD_JSON, not M_INVALID_PARAM.
+TYPE_MESSAGES = {
+    fields.Field.default_error_messages["null"],
+    fields.String.default_error_messages["invalid"],
+    fields.Boolean.default_error_messages["invalid"],
+    fields.Integer.default_error_messages["invalid"],
+    fields.Mapping.default_error_messages["invalid"],
+    fields.List.default_error_messages["invalid"],
+    fields.Nested.default_error_messages["type"],
+    Schema.error_messages.get("type", "Invalid input type."),
+}
+
+
+def classify(messages):
+    """Turn marshmallow's error messages into (errcode, human text)."""
+    found = {"missing": [], "type": [], "invalid": []}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, path if key == "_schema" else path + [str(key)])
+        elif isinstance(node, list):
+            for message in node:
+                walk(message, path)
+        else:
+            name = ".".join(path) or "body"
+            if node == REQUIRED_MESSAGE:
+                leaf = path[-1] if path else name
+                if leaf not in found["missing"]:
+                    found["missing"].append(leaf)
+            elif node in TYPE_MESSAGES:
+                found["type"].append(f"{name}: {node}")
+            else:
+                found["invalid"].append(f"{name}: {node}")
+
+    walk(messages, [])
+    if found["type"]:
+        return "M_BAD_JSON", "Wrong type: " + "; ".join(found["type"])
+    if found["missing"]:
+        return "M_MISSING_PARAM", "Missing parameters: " + ", ".join(found["missing"])
+    return "M_INVALID_PARAM", "Invalid parameter: " + "; ".join(found["invalid"])
+
+
+class ClientSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+class EncryptionSchema(ClientSchema):
+    method = fields.String(required=True, validate=validate.OneOf(["aes-hmac-sha256"]))
+    initial_key_period = fields.String(
+        validate=validate.Regexp(PERIOD, error="Must be YYYY-MM."),
+        metadata={"description": "First month of the key chain, YYYY-MM"},
+    )
+    time_iss_created = fields.String(
+        load_only=True,
+        validate=validate.Regexp(PERIOD, error="Must be YYYY-MM."),
+        metadata={"description": "upstream-latest name of initial_key_period"},
+    )
+    iss = fields.String(
+        required=True,
+        load_only=True,
+        validate=validate.Regexp(HEX256, error="Must be 64 hex characters."),
+        metadata={"description": "Initial shared secret, hex; never returned or stored"},
+    )
+    key_identifier = fields.String(required=True, validate=validate.Length(1, 128))
+
+    @validates_schema
+    def period_given(self, data, **kwargs):
+        """Accept the newer name time_iss_created for initial_key_period."""
+        if "initial_key_period" not in data:
+            if "time_iss_created" not in data:
+                raise ValidationError(REQUIRED_MESSAGE, "initial_key_period")
+            data["initial_key_period"] = data.pop("time_iss_created")
+
+
+CONDITIONAL = ("app_display_name", "device_display_name", "lang", "data")
+
+
+class PusherSetSchema(ClientSchema):
+    """Body of POST /pushers/set."""
+
+    kind = fields.String(required=True, allow_none=True,
+                         metadata={"description": '"http", or null to delete'})
+    app_id = fields.String(required=True, validate=validate.Length(1, 64))
+    pushkey = fields.String(required=True, validate=utf8_length(1, 512))
+    app_display_name = fields.String(validate=validate.Length(max=255))
+    device_display_name = fields.String(validate=validate.Length(max=255))
+    profile_tag = fields.String(validate=validate.Length(max=255))
+    lang = fields.String(validate=validate.Length(max=32))
+    data = fields.Dict(keys=fields.String())
+    append = StrictBoolean(load_default=False)
+    encryption = fields.Nested(EncryptionSchema)
+
+    @validates("data")
+    def validate_data(self, value, **kwargs):
+        """data: bounded size, with a gateway URL we are willing to call."""
+        if len(compact_json(value)) > MAX_DATA_BYTES:
+            raise ValidationError(f"Must be at most {MAX_DATA_BYTES} bytes of JSON.")
+        if "url" not in value:
+            raise ValidationError(REQUIRED_MESSAGE, "url")
+        if not isinstance(value["url"], str):
+            raise ValidationError(fields.String.default_error_messages["invalid"], "url")
+        if "format" in value and not isinstance(value["format"], str):
+            raise ValidationError(fields.String.default_error_messages["invalid"], "format")
+        check_gateway_url(value["url"])
+
+    @validates_schema
+    def required_unless_deleting(self, data, **kwargs):
+        """With a non-null kind the pusher's details are required too."""
+        if data.get("kind") is None:
+            return
+        if data["kind"] != "http":
+            raise ValidationError('Only "http" is supported.', "kind")
+        missing = {name: [REQUIRED_MESSAGE] for name in CONDITIONAL if name not in data}
+        if missing:
+            raise ValidationError(missing)
+
+
+def check_gateway_url(url):
+    """Raise ValidationError unless ``url`` is a push gateway URL the operator allows."""
+    config = current_app.config
+    error = lambda text: ValidationError(text, "url")  # noqa: E731
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise error("Not a valid URL.")
+    schemes = ("https", "http") if config["ALLOW_HTTP_GATEWAYS"] else ("https",)
+    if parts.scheme not in schemes:
+        raise error("Must be an https URL." if parts.scheme != "https" else "Not a valid URL.")
+    if not parts.hostname or parts.username is not None or parts.fragment:
+        raise error("Must be an absolute URL with a host and no credentials or fragment.")
+    if not parts.path.endswith(GATEWAY_PATHS):
+        raise error("Path must end in /_matrix/push/v1/notify, /push/v1/notify or /push/v1/.")
+    allowlist = config["GATEWAY_ALLOWLIST"]
+    if allowlist and not any(url.startswith(prefix) for prefix in allowlist):
+        raise error("This gateway is not on the server's allow-list.")
+
+
+class EncryptionOutSchema(Schema):
+    method = fields.String()
+    key_identifier = fields.String()
+
+
+class PusherSchema(Schema):
+    """A pusher as GET /pushers shows it: no iss, no key."""
+
+    pushkey = fields.String()
+    kind = fields.String()
+    app_id = fields.String()
+    app_display_name = fields.String()
+    device_display_name = fields.String()
+    profile_tag = fields.String()
+    lang = fields.String()
+    data = fields.Dict()
+    pushkey_ts = fields.Integer()
+    encryption = fields.Nested(EncryptionOutSchema)
+
+
+class PushersSchema(Schema):
+    pushers = fields.List(fields.Nested(PusherSchema))
+
+
+class ChannelStatusSchema(Schema):
+    id = fields.String()
+    status = fields.String(validate=validate.OneOf(STATUSES))
+
+
+class ChannelsSchema(Schema):
+    channels = fields.List(fields.Nested(ChannelStatusSchema))
+
+
+class ChannelChangeSchema(ClientSchema):
+    """One change: ``{"name", "value"}`` (upstream) or ``{"id", "status"}`` (upstream-latest)."""
+
+    name = fields.String(validate=validate.Length(1, 255))
+    value = fields.String(validate=validate.OneOf(STATUSES))
+    id = fields.String(load_only=True, validate=validate.Length(1, 255))
+    status = fields.String(load_only=True, validate=validate.OneOf(STATUSES))
+
+    @validates_schema
+    def one_form(self, data, **kwargs):
+        """Fold the id/status form into name/value."""
+        data.setdefault("name", data.pop("id", None))
+        data.setdefault("value", data.pop("status", None))
+        missing = {k: [REQUIRED_MESSAGE] for k in ("name", "value") if data[k] is None}
+        if missing:
+            raise ValidationError(missing)
+
+
+class ChannelsUpdateSchema(ClientSchema):
+    """Body of POST /channels/<pushkey>."""
+
+    channels = fields.List(fields.Nested(ChannelChangeSchema), required=True)
+
+
+class EmptySchema(Schema):
+    """An empty JSON object."""
+
+
+class NotificationRequestSchema(ClientSchema):
+    """Body of POST /notifications (sender API)."""
+
+    user_id = fields.String(required=True, validate=validate.Length(1, 255))
+    channel = fields.String(required=True, validate=validate.Length(1, 255))
+    payload = fields.Dict(required=True, keys=fields.String())
+    prio = fields.String(load_default="high", validate=validate.OneOf(["high", "low"]))
+    counts = fields.Dict(keys=fields.String(), values=StrictInteger())
+    identifier = fields.String(validate=validate.Length(1, 255))
+
+
+class NotificationCreatedSchema(Schema):
+    notification_id = fields.String()
+    deliveries = fields.Integer()
+
+
+class MessageSchema(Schema):
+    identifier = fields.String()
+    payload = fields.Dict()
+
+
+class MessagesSchema(Schema):
+    messages = fields.List(fields.Nested(MessageSchema))
+
+
+class ErrorSchema(Schema):
+    errcode = fields.String(required=True)
+    error = fields.String()
+    retry_after_ms = fields.Integer()
