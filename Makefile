@@ -12,8 +12,7 @@ $(BIN)/activate: requirements.txt
 	touch $(BIN)/activate
 
 run: $(BIN)/activate
-	PUSH_ALLOW_HTTP_GATEWAYS=$${PUSH_ALLOW_HTTP_GATEWAYS:-false} \
-	  $(BIN)/flask --app app run --host 127.0.0.1 --port $(PORT)
+	$(BIN)/flask --app app run --host 127.0.0.1 --port $(PORT)
 
 test: $(BIN)/activate
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -91,9 +91,16 @@ ENCRYPTION_POLICIES = ("optional", "required", "forbidden")
 PREFIX = "/push/v1"
 
 
-def create_app(test_config=None):
-    """Build the app: config, database, schema, API and CLI."""
-    app = Flask(__name__, instance_relative_config=True)
+def create_app(test_config=None, instance_path=None):
+    """Build the app: config, database, schema, API and CLI.
+
+    The instance folder (database, server key, config.py) is ``instance/`` beside this file,
+    or ``PUSH_INSTANCE_PATH``, or ``instance_path``.
+    """
+    instance_path = instance_path or os.environ.get("PUSH_INSTANCE_PATH") or None
+    if instance_path:
+        instance_path = os.path.abspath(instance_path)
+    app = Flask(__name__, instance_relative_config=True, instance_path=instance_path)
     app.config.from_mapping(DEFAULTS)
     app.config.update(
         API_TITLE="Push notification service",
