@@ -132,7 +132,7 @@ def register(client):
 class Gateway:
     """A push gateway on 127.0.0.1 in a thread, recording every request it gets."""
 
-    def __init__(self):
+    def __init__(self, port=0):
         self.requests = []  # (path, body)
         self.lock = threading.Lock()
         self.failures = {}
@@ -156,7 +156,7 @@ class Gateway:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
