@@ -42,7 +42,7 @@ BATCH_SIZE = 100
 BATCH_SUFFIX = "/push/v1/"
 
 _wake = threading.Event()
-_embedded = {"pid": None, "app": None}
+_embedded = {"pid": None, "app": None, "stop": None, "thread": None, "fork_hook": False}
 
 
 def redact(pushkey):
@@ -408,24 +408,48 @@ class Worker:
                         db.close()
                     handled = 0
                     stop.wait(poll)
-                if not handled:
+                if not handled and not stop.is_set():
                     _wake.wait(poll)
                     _wake.clear()
             if not db.is_closed():
                 db.close()
+        self.close()
+
+    def close(self):
+        """Let go of the sending threads and pooled connections."""
+        self.executor.shutdown(wait=True)
+        self.client.pools.clear()
 
 
 def start_embedded(app):
     """Start this process's worker thread (once per process; again in a forked child)."""
     if _embedded["pid"] == os.getpid():
         return
-    if _embedded["app"] is None:
-        os.register_at_fork(after_in_child=lambda: _embedded["app"] and start_embedded(
-            _embedded["app"]))
-    _embedded.update(pid=os.getpid(), app=app)
-    thread = threading.Thread(target=Worker(app).run, args=(threading.Event(),),
-                              name="push-worker", daemon=True)
+    if not _embedded["fork_hook"]:
+        _embedded["fork_hook"] = True
+        os.register_at_fork(after_in_child=_restart_after_fork)
+    stop = threading.Event()
+    worker = Worker(app)
+    thread = threading.Thread(target=worker.run, args=(stop,), name="push-worker", daemon=True)
+    _embedded.update(pid=os.getpid(), app=app, stop=stop, thread=thread)
     thread.start()
+
+
+def _restart_after_fork():
+    """In a forked child (gunicorn --preload) the parent's thread is gone: start our own."""
+    app = _embedded["app"]
+    _embedded["pid"] = None
+    if app is not None:
+        start_embedded(app)
+
+
+def stop_embedded():
+    """Stop this process's embedded worker and wait for it (tests, clean shutdowns)."""
+    if _embedded["pid"] == os.getpid():
+        _embedded["stop"].set()
+        _wake.set()
+        _embedded["thread"].join(timeout=30)
+    _embedded.update(pid=None, app=None, stop=None, thread=None)
 
 
 def run_forever(app):

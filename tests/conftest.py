@@ -190,7 +190,11 @@ class Gateway:
                     devices = [n["device"]] if "device" in n else n["devices"]
                     verdicts = [self.verdict(d["pushkey"]) for d in devices]
                     rejected = [d["pushkey"] for d, v in zip(devices, verdicts) if v == "reject"]
-XX
+                    status = ("failed" if "bad" in verdicts or "retry" in verdicts
+                              else "partial" if rejected else "success")
+                    result = {"id": item["id"], "status": status, "rejected": rejected}
+                    if status == "failed":
+                        result["error"] = "retry" if "retry" in verdicts else "bad pushkey"
                     results.append(result)
                 if any(r["status"] == "failed" and r["error"] == "retry" for r in results):
                     return 503, {"error": "try later"}

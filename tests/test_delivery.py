@@ -1,0 +1,643 @@
+"""Sending (SPEC sections 2, 4, 5): sender API, sealing, gateway shapes, retries, history.
+
+Every delivery here goes over real HTTP to the loopback ``Gateway`` of conftest.py. The phone's
+side of the crypto is written again below from SPEC section 4, independent of crypto.py.
+"""
+
+import base64
+import json
+import logging
+import struct
+import threading
+import time
+from datetime import datetime, timezone
+
+import pytest
+from conftest import ISS, encryption
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+import delivery
+from models import ChannelState, Delivery, EncryptionKey, Notification, Pusher, db
+
+NOTIFY = "/_matrix/push/v1/notify"
+
+
+# --- the phone's side, from SPEC section 4 ---------------------------------------------------
+
+
+def months(start, end):
+    """Every "YYYY-MM" from start to end inclusive."""
+    year, month = map(int, start.split("-"))
+    out = []
+    while f"{year:04d}-{month:02d}" <= end:
+        out.append(f"{year:04d}-{month:02d}")
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return out
+
+
+def phone_key(iss_hex, initial_period, period):
+    """The AES key a phone derives for ``period``, ratcheting from its iss."""
+    ikm = bytes.fromhex(iss_hex)
+    for month in months(initial_period, period):
+        okm = HKDF(hashes.SHA256(), 64, salt=None, info=month.encode()).derive(ikm)
+        ikm, key = okm[:32], okm[32:]
+    return key
+
+
+def phone_decrypt(iss_hex, initial_period, notification):
+    """What the app does with an encrypted notification: returns the payload object."""
+    assert len(notification["ciphertext"]) == 1404
+    raw = base64.b64decode(notification["ciphertext"])
+    key = phone_key(iss_hex, initial_period, notification["time_message_encrypted"])
+    block = AESGCM(key).decrypt(raw[:12], raw[12:], None)
+    assert len(block) == 1024 and block[:4] == b"PNM1"
+    (padding,) = struct.unpack(">H", block[4:6])
+    assert block[6:6 + padding] == b" " * padding
+    return json.loads(block[6 + padding:])
+
+
+def this_month(offset=0):
+    """The UTC month ``offset`` months from now, as "YYYY-MM"."""
+    today = datetime.now(timezone.utc)
+    index = today.year * 12 + today.month - 1 + offset
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker(app):
+    """A delivery worker on the test app, driven round by round."""
+    w = delivery.Worker(app)
+    yield w
+    w.close()
+
+
+def drain(app, worker, rounds=50):
+    """Run worker rounds until nothing is pending (retries are immediate in tests)."""
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        for _ in range(rounds):
+            if not worker.run_once() and delivery.stats()["pending"] == 0:
+                return
+        raise AssertionError(f"still pending after {rounds} rounds: {delivery.stats()}")
+
+
+def send(client, service, user="alice", channel="erp.task", payload=None, **extra):
+    body = {"user_id": user, "channel": channel,
+            "payload": payload if payload is not None else {"task": "42"}, **extra}
+    return client.post("/push/v1/notifications", json=body, headers=service)
+
+
+@pytest.fixture
+def setup(alice, service, channel, register, gateway):
+    """alice, a service, an enabled-by-default channel and a gateway."""
+    channel("erp.task", default="enabled")
+    return alice
+
+
+# --- sender API ------------------------------------------------------------------------------
+
+
+def test_encrypted_notification_decrypts_on_the_phone_after_ratcheting(
+        app, client, setup, service, register, gateway, worker):
+    initial = this_month(-2)
+    register(setup, "phone-1", url=gateway.url(),
+             encryption=encryption("kid-1", ISS, initial))
+    response = send(client, service, payload={"task": "42", "text": "Grüße"}, prio="low",
+                    counts={"unread": 3})
+    assert response.status_code == 202
+    created = response.get_json()
+    assert created["deliveries"] == 1
+
+    drain(app, worker)
+
+    [note] = gateway.notifications()
+    assert note["time_message_encrypted"] == this_month()
+    assert note["key_identifier"] == "kid-1"
+    assert note["identifier"] == created["notification_id"]
+    assert note["prio"] == "low" and note["counts"] == {"unread": 3}
+    assert "content" not in note and "event_id" not in note
+    assert phone_decrypt(ISS, initial, note) == {"task": "42", "text": "Grüße"}
+    [device] = note["devices"]
+    assert device["pushkey"] == "phone-1" and device["app_id"] == "com.example.app"
+    assert device["data"] == {} and device["tweaks"] == {}
+    assert isinstance(device["pushkey_ts"], int)
+
+
+def test_ratchet_stores_only_the_current_generation(app, client, setup, service, register,
+                                                     gateway, worker):
+    initial = this_month(-2)
+    register(setup, "phone-1", url=gateway.url(), encryption=encryption("kid-1", ISS, initial))
+    send(client, service)
+    drain(app, worker)
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        key = EncryptionKey.get(EncryptionKey.key_identifier == "kid-1")
+        assert key.period == this_month()
+        stored = app.extensions["push_server_key"].open_generation("kid-1", key.period,
+                                                                   key.sealed)
+    assert stored.aes_key == phone_key(ISS, initial, this_month())
+    with open(app.instance_path + "/push.sqlite3", "rb") as f:
+        raw = f.read()
+    assert bytes.fromhex(ISS) not in raw and ISS.encode() not in raw
+    assert stored.aes_key not in raw and stored.secret not in raw
+
+
+def test_each_message_gets_a_fresh_nonce(app, client, setup, service, register, gateway,
+                                          worker):
+    register(setup, "phone-1", url=gateway.url(), encryption=encryption())
+    send(client, service)
+    send(client, service)
+    drain(app, worker)
+    first, second = gateway.notifications()
+    assert first["ciphertext"][:16] != second["ciphertext"][:16]
+    assert phone_decrypt(ISS, "2024-11", first) == phone_decrypt(ISS, "2024-11", second)
+
+
+def test_generation_ahead_of_the_clock_is_used_as_is(app, client, setup, service, register,
+                                                      gateway, worker):
+    ahead = this_month(3)
+    register(setup, "phone-1", url=gateway.url(), encryption=encryption("kid-1", ISS, ahead))
+    send(client, service)
+    drain(app, worker)
+    [note] = gateway.notifications()
+    assert note["time_message_encrypted"] == ahead
+    assert phone_decrypt(ISS, ahead, note) == {"task": "42"}
+
+
+def test_plain_notification_carries_content_and_device_data_without_url(
+        app, client, setup, service, register, gateway, worker):
+    client.post("/push/v1/pushers/set", headers=setup, json={
+        "kind": "http", "app_id": "com.example.app", "pushkey": "phone-1",
+        "app_display_name": "A", "device_display_name": "D", "lang": "en",
+        "data": {"url": gateway.url(), "custom": "keep-me"}})
+    created = send(client, service, counts={"unread": 1}).get_json()
+    drain(app, worker)
+    [(path, body)] = gateway.requests
+    assert path == NOTIFY
+    note = body["notification"]
+    assert note["event_id"] == created["notification_id"]
+    assert note["type"] == "erp.task" and note["prio"] == "high"
+    assert note["content"] == {"task": "42"} and note["counts"] == {"unread": 1}
+    assert note["devices"][0]["data"] == {"custom": "keep-me"}
+
+
+def test_event_id_only_format_sends_no_content(app, client, setup, service, gateway, worker):
+    client.post("/push/v1/pushers/set", headers=setup, json={
+        "kind": "http", "app_id": "com.example.app", "pushkey": "phone-1",
+        "app_display_name": "A", "device_display_name": "D", "lang": "en",
+        "data": {"url": gateway.url("/push/v1/notify"), "format": "event_id_only"}})
+    send(client, service)
+    drain(app, worker)
+    [(path, body)] = gateway.requests
+    assert path == "/push/v1/notify"
+    assert "content" not in body["notification"]
+    assert body["notification"]["devices"][0]["data"] == {"format": "event_id_only"}
+
+
+def test_only_devices_that_want_the_channel_get_it(app, client, alice, service, channel,
+                                                    register, gateway, worker):
+    channel("on-by-default", default="enabled")
+    channel("off-by-default", default="disabled")
+    for key in ("default", "opted-in", "opted-out"):
+        register(alice, key, url=gateway.url())
+    client.post("/push/v1/channels/opted-in", headers=alice,
+                json={"channels": [{"name": "off-by-default", "value": "enabled"}]})
+    client.post("/push/v1/channels/opted-out", headers=alice,
+                json={"channels": [{"name": "on-by-default", "value": "disabled"}]})
+
+    on = send(client, service, channel="on-by-default").get_json()
+    off = send(client, service, channel="off-by-default").get_json()
+    assert on["deliveries"] == 2 and off["deliveries"] == 1
+    drain(app, worker)
+    got = {(n["type"], n["devices"][0]["pushkey"]) for n in gateway.notifications()}
+    assert got == {("on-by-default", "default"), ("on-by-default", "opted-in"),
+                   ("off-by-default", "opted-in")}
+
+
+def test_sender_validation(client, alice, service, channel):
+    channel("erp.task", default="enabled")
+    assert send(client, service, channel="nope").get_json()["errcode"] == "M_INVALID_PARAM"
+    big = send(client, service, payload={"x": "a" * 1011})
+    assert big.status_code == 413 and big.get_json()["errcode"] == "M_TOO_LARGE"
+    fits = send(client, service, payload={"x": "a" * 1010})  # exactly 1018 bytes of JSON
+    assert fits.status_code == 202
+    unknown_user = send(client, service, user="nobody")
+    assert unknown_user.status_code == 202 and unknown_user.get_json()["deliveries"] == 0
+    assert send(client, alice).status_code == 403
+    assert send(client, service, prio="urgent").get_json()["errcode"] == "M_INVALID_PARAM"
+    assert send(client, service, counts={"unread": "1"}).get_json()["errcode"] == "M_BAD_JSON"
+    missing = client.post("/push/v1/notifications", json={"channel": "erp.task"},
+                          headers=service).get_json()
+    assert missing == {"errcode": "M_MISSING_PARAM",
+                       "error": "Missing parameters: user_id, payload"}
+
+
+def test_identifier_makes_sending_idempotent_per_service(app, client, runner, setup, service,
+                                                          register, gateway):
+    register(setup, "phone-1", url=gateway.url())
+    first = send(client, service, identifier="evt-1").get_json()
+    again = send(client, service, identifier="evt-1", payload={"other": 1}).get_json()
+    assert again == first
+    other_service = {"Authorization": "Bearer " + runner.invoke(
+        args=["services", "create", "billing"]).output.strip().splitlines()[-1]}
+    third = send(client, other_service, identifier="evt-1").get_json()
+    assert third["notification_id"] != first["notification_id"]
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        assert Delivery.select().count() == 2
+        assert Notification.select().count() == 2
+
+
+# --- delivery outcomes -----------------------------------------------------------------------
+
+
+def test_503s_are_retried_and_delivered_exactly_once(app, client, setup, service, register,
+                                                      gateway, worker):
+    register(setup, "fail-3-phone", url=gateway.url())
+    created = send(client, service).get_json()
+    drain(app, worker)
+    assert len(gateway.requests) == 4
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        row = Delivery.get(Delivery.notification == created["notification_id"])
+    assert row.state == "delivered" and row.attempts == 4
+
+
+def test_backoff_doubles_from_the_initial_delay_up_to_the_cap(make_app):
+    app = make_app(RETRY_INITIAL_SECONDS=1, RETRY_MAX_SECONDS=5)
+    w = delivery.Worker(app)
+    try:
+        assert [w.retry_delay(n, None) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+        assert w.retry_delay(1, "3") == 3  # Retry-After is honoured, within the cap
+        assert w.retry_delay(1, "100") == 5
+    finally:
+        w.close()
+
+
+def test_retry_is_scheduled_in_the_future(make_app, alice, service, channel, register,
+                                          gateway):
+    app = make_app(RETRY_INITIAL_SECONDS=30)
+    channel("erp.task", default="enabled")
+    register(alice, "fail-1-phone", url=gateway.url())
+    client = app.test_client()
+    send(client, service)
+    w = delivery.Worker(app)
+    try:
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            before = time.time()
+            assert w.run_once() == 1
+            assert w.run_once() == 0  # not due yet
+            row = Delivery.get()
+        assert row.state == "pending" and row.attempts == 1
+        assert row.next_attempt_at >= before + 30 and row.lease_owner is None
+        assert "503" in row.last_error
+    finally:
+        w.close()
+
+
+def test_delivery_gives_up_after_the_configured_time(make_app, alice, service, channel,
+                                                     register, gateway):
+    app = make_app(RETRY_GIVE_UP_SECONDS=0)
+    channel("erp.task", default="enabled")
+    register(alice, "fail-5-phone", url=gateway.url())
+    send(app.test_client(), service)
+    w = delivery.Worker(app)
+    try:
+        drain(app, w)
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            row = Delivery.get()
+    finally:
+        w.close()
+    assert row.state == "failed" and row.last_error.startswith("gave up")
+    assert len(gateway.requests) == 1
+
+
+def test_other_4xx_fails_for_good_with_the_reason(app, client, setup, service, register,
+                                                   gateway, worker):
+    register(setup, "bad-phone", url=gateway.url())
+    send(client, service)
+    drain(app, worker)
+    drain(app, worker)
+    assert len(gateway.requests) == 1
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        row = Delivery.get()
+    assert row.state == "failed" and "400" in row.last_error and row.attempts == 1
+
+
+def test_redirects_are_not_followed(app, client, setup, service, register, gateway, worker):
+    register(setup, "phone-1", url=gateway.url())
+    gateway.status_override = 307
+    send(client, service)
+    drain(app, worker)
+    assert len(gateway.requests) == 1
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        assert Delivery.get().state == "failed"
+
+
+def test_rejected_pushkey_removes_its_pusher_and_channel_states(
+        app, client, setup, service, register, gateway, worker, caplog):
+    register(setup, "reject-this-key", url=gateway.url())
+    register(setup, "phone-ok", url=gateway.url())
+    client.post("/push/v1/channels/reject-this-key", headers=setup,
+                json={"channels": [{"name": "erp.task", "value": "enabled"}]})
+    caplog.set_level(logging.DEBUG)
+    send(client, service)
+    drain(app, worker)
+    keys = [p["pushkey"] for p in client.get("/push/v1/pushers", headers=setup).get_json()[
+        "pushers"]]
+    assert keys == ["phone-ok"]
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        assert ChannelState.select().count() == 0
+        assert {d.state for d in Delivery.select()} == {"delivered"}
+    assert "removed" in caplog.text and "reject-this-key" not in caplog.text
+
+
+def test_private_gateways_are_refused_unless_allowed(make_app, alice, service, channel,
+                                                     register, gateway):
+    app = make_app(ALLOW_PRIVATE_GATEWAYS=False)
+    channel("erp.task", default="enabled")
+    register(alice, "phone-1", url=gateway.url())
+    register(alice, "phone-2", url=f"http://localhost:{gateway.port}{NOTIFY}")
+    send(app.test_client(), service)
+    w = delivery.Worker(app)
+    try:
+        drain(app, w)
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            rows = list(Delivery.select())
+    finally:
+        w.close()
+    assert gateway.requests == []
+    assert [r.state for r in rows] == ["failed", "failed"]
+    assert all("non-public" in r.last_error for r in rows)
+
+
+def test_address_check_covers_private_ranges():
+    for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+                    "224.0.0.1", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "0.0.0.0"):
+        assert not delivery.address_allowed(address), address
+    assert delivery.address_allowed("8.8.8.8") and delivery.address_allowed("2606:4700::1")
+
+
+def test_gateway_url_rules_are_checked_again_at_send_time(make_app, alice, service, channel,
+                                                          register, gateway):
+    channel("erp.task", default="enabled")
+    register(alice, "phone-1", url=gateway.url())  # http allowed at registration
+    app = make_app(ALLOW_HTTP_GATEWAYS=False)  # then the operator turns it off
+    send(app.test_client(), service)
+    w = delivery.Worker(app)
+    try:
+        drain(app, w)
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            row = Delivery.get()
+    finally:
+        w.close()
+    assert gateway.requests == [] and row.state == "failed" and "https" in row.last_error
+
+
+def test_delivery_to_a_removed_pusher_fails_without_sending(app, client, setup, service,
+                                                             register, gateway, worker):
+    register(setup, "phone-1", url=gateway.url())
+    send(client, service)
+    client.post("/push/v1/pushers/set", headers=setup,
+                json={"kind": None, "app_id": "com.example.app", "pushkey": "phone-1"})
+    drain(app, worker)
+    assert gateway.requests == []
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        assert Delivery.get().state == "failed"
+
+
+# --- batch gateways --------------------------------------------------------------------------
+
+
+def test_batch_gateways_get_up_to_100_per_request(app, client, setup, service,
+                                                  register, gateway, worker):
+    base = gateway.url("/push/v1/")
+    app.config["MAX_PUSHERS_PER_USER"] = 500
+    for i in range(120):
+        register(setup, f"enc-{i:03d}", url=base, encryption=encryption(f"kid-{i}"))
+    for i in range(3):
+        register(setup, f"plain-{i}", url=base)
+    created = send(client, service).get_json()
+    assert created["deliveries"] == 123
+    drain(app, worker)
+
+    paths = [path for path, _ in gateway.requests]
+    assert sorted(paths) == ["/push/v1/notify/batch"] + ["/push/v1/notifyEncrypted/batch"] * 2
+    sizes = sorted(len(body["notifications"]) for _, body in gateway.requests)
+    assert sizes == [3, 20, 100]
+    for path, body in gateway.requests:
+        ids = [item["id"] for item in body["notifications"]]
+        assert len(set(ids)) == len(ids)
+        for item in body["notifications"]:
+            note = item["notification"]
+            if path.endswith("notifyEncrypted/batch"):
+                assert "devices" not in note and note["device"]["pushkey"].startswith("enc-")
+                assert phone_decrypt(ISS, "2024-11", note) == {"task": "42"}
+            else:
+                assert note["devices"][0]["pushkey"].startswith("plain-")
+                assert note["content"] == {"task": "42"}
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        assert {d.state for d in Delivery.select()} == {"delivered"}
+
+
+def test_batch_item_results_are_honoured(app, client, setup, service, register, gateway,
+                                         worker):
+    base = gateway.url("/push/v1/")
+    register(setup, "ok-phone", url=base)
+    register(setup, "reject-phone", url=base)
+    register(setup, "bad-phone", url=base)
+    send(client, service)
+    drain(app, worker)
+    assert len(gateway.requests) == 1
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        states = {d.pushkey: d.state for d in Delivery.select()}
+        remaining = {p.pushkey for p in Pusher.select()}
+    assert states == {"ok-phone": "delivered", "reject-phone": "delivered",
+                      "bad-phone": "failed"}
+    assert remaining == {"ok-phone", "bad-phone"}
+
+
+def test_batch_503_is_retried(app, client, setup, service, register, gateway, worker):
+    register(setup, "fail-2-phone", url=gateway.url("/push/v1/"))
+    send(client, service)
+    drain(app, worker)
+    assert len(gateway.requests) == 3
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        assert Delivery.get().state == "delivered"
+
+
+# --- scale and workers -----------------------------------------------------------------------
+
+
+def test_one_notification_fans_out_to_1000_devices_each_with_its_own_key(
+        make_app, alice, service, channel, gateway):
+    app = make_app(MAX_PUSHERS_PER_USER=1000)
+    client = app.test_client()
+    channel("erp.task", default="enabled")
+    secrets_by_key = {}
+    for i in range(1000):
+        iss = f"{i:064x}"
+        secrets_by_key[f"device-{i}"] = iss
+        body = {"kind": "http", "app_id": "com.example.app", "pushkey": f"device-{i}",
+                "app_display_name": "A", "device_display_name": "D", "lang": "en",
+                "data": {"url": gateway.url()},
+                "encryption": encryption(f"kid-{i}", iss, this_month(-1))}
+        assert client.post("/push/v1/pushers/set", json=body, headers=alice).status_code == 200
+    created = send(client, service, payload={"fan": "out"}).get_json()
+    assert created["deliveries"] == 1000
+    w = delivery.Worker(app)
+    try:
+        drain(app, w)
+    finally:
+        w.close()
+    notes = gateway.notifications()
+    assert len(notes) == 1000
+    seen = set()
+    for note in notes:
+        pushkey = note["devices"][0]["pushkey"]
+        seen.add(pushkey)
+        assert note["key_identifier"] == "kid-" + pushkey.split("-")[1]
+        assert phone_decrypt(secrets_by_key[pushkey], this_month(-1), note) == {"fan": "out"}
+    assert len(seen) == 1000
+
+
+def test_concurrent_workers_never_claim_the_same_delivery(app, client, setup, service,
+                                                           register, gateway):
+    for i in range(40):
+        register(setup, f"phone-{i}", url=gateway.url())
+    for _ in range(10):
+        send(client, service)
+    app.config["WORKER_CLAIM"] = 7
+    workers = [delivery.Worker(app) for _ in range(4)]
+    claimed = [[] for _ in workers]
+
+    def claim_all(index):
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            while True:
+                ids = workers[index].claim()
+                if not ids:
+                    break
+                claimed[index].extend(ids)
+            db.close()
+
+    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w in workers:
+        w.close()
+    everything = [i for ids in claimed for i in ids]
+    assert len(everything) == 400 and len(set(everything)) == 400
+
+
+def test_a_lapsed_lease_is_claimed_again(app, client, setup, service, register, gateway):
+    register(setup, "phone-1", url=gateway.url())
+    send(client, service)
+    app.config["DELIVERY_LEASE_SECONDS"] = -1  # a worker that died holding it
+    dead, alive = delivery.Worker(app), delivery.Worker(app)
+    try:
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            assert len(dead.claim()) == 1
+            assert alive.run_once() == 1
+            assert Delivery.get().state == "delivered"
+    finally:
+        dead.close()
+        alive.close()
+    assert len(gateway.requests) == 1
+
+
+def test_embedded_worker_delivers_without_help(make_app, alice, service, channel, register,
+                                               gateway):
+    app = make_app(EMBEDDED_WORKER=True, WORKER_POLL_SECONDS=0.1)
+    try:
+        channel("erp.task", default="enabled")
+        register(alice, "phone-1", url=gateway.url())
+        assert send(app.test_client(), service).status_code == 202
+        deadline = time.time() + 20
+        while not gateway.requests and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        delivery.stop_embedded()
+    assert len(gateway.requests) == 1
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+def test_history_is_visible_only_to_its_user(app, client, user_token, setup, service,
+                                             register, gateway):
+    bob = user_token("bob")
+    register(setup, "alice-phone", url=gateway.url())
+    register(bob, "bob-phone", url=gateway.url())
+    first = send(client, service, payload={"n": 1}).get_json()["notification_id"]
+    time.sleep(0.01)
+    second = send(client, service, payload={"n": 2}).get_json()["notification_id"]
+    for_bob = send(client, service, user="bob", payload={"n": 3}).get_json()["notification_id"]
+
+    assert client.get(f"/push/v1/history/{first}", headers=setup).get_json() == {
+        "identifier": first, "payload": {"n": 1}}
+    denied = client.get(f"/push/v1/history/{first}", headers=bob)
+    assert denied.status_code == 404 and denied.get_json()["errcode"] == "M_NOT_FOUND"
+    assert client.get(f"/push/v1/history/{for_bob}", headers=setup).status_code == 404
+
+    messages = client.get("/push/v1/history/device/alice-phone", headers=setup).get_json()
+    assert messages == {"messages": [{"identifier": second, "payload": {"n": 2}},
+                                     {"identifier": first, "payload": {"n": 1}}]}
+    assert client.get("/push/v1/history/device/alice-phone", headers=bob).status_code == 404
+    assert client.get("/push/v1/history/device/bob-phone", headers=bob).get_json()[
+        "messages"] == [{"identifier": for_bob, "payload": {"n": 3}}]
+
+
+def test_device_history_takes_pushkeys_with_slashes(client, setup, service, register,
+                                                    gateway):
+    register(setup, "a/b+c=", url=gateway.url())
+    created = send(client, service).get_json()["notification_id"]
+    for path in ("a/b+c=", "a%2Fb%2Bc%3D"):
+        got = client.get(f"/push/v1/history/device/{path}", headers=setup).get_json()
+        assert [m["identifier"] for m in got["messages"]] == [created]
+
+
+def test_old_notifications_are_purged(app, client, setup, service, register, gateway, worker):
+    register(setup, "phone-1", url=gateway.url())
+    old = send(client, service).get_json()["notification_id"]
+    new = send(client, service).get_json()["notification_id"]
+    drain(app, worker)
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        Notification.update(created_at=time.time() - 31 * 86400).where(
+            Notification.id == old).execute()
+        assert worker.purge_history() == 1
+    assert client.get(f"/push/v1/history/{old}", headers=setup).status_code == 404
+    assert client.get(f"/push/v1/history/{new}", headers=setup).status_code == 200
+
+
+def test_deliveries_command_reports_counts(app, client, runner, setup, service, register,
+                                           gateway, worker):
+    register(setup, "phone-1", url=gateway.url())
+    register(setup, "bad-phone", url=gateway.url())
+    send(client, service)
+    send(client, service, user="alice")
+    out = runner.invoke(args=["deliveries"]).output
+    assert "pending\t4" in out
+    drain(app, worker)
+    out = runner.invoke(args=["deliveries"]).output
+    assert "pending\t0" in out and "delivered\t2" in out and "failed\t2" in out
