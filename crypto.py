@@ -122,15 +122,23 @@ class ServerKey:
             except ValueError:
                 raw = base64.b64decode(configured, validate=True)
             return cls(raw)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            with open(path, "rb") as f:
-                return cls(bytes.fromhex(f.read().decode().strip()))
-        with os.fdopen(fd, "w") as f:
-            key = os.urandom(32)
-            f.write(key.hex() + "\n")
-        return cls(key)
+        if not os.path.exists(path):
+            # Write a complete file aside, then link it into place: a process booting at the
+            # same moment sees either no key file or a whole one, and the first link wins.
+            temporary = f"{path}.{os.getpid()}.{os.urandom(4).hex()}"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(temporary)
+        with open(path, "rb") as f:
+            return cls(bytes.fromhex(f.read().decode().strip()))
 
     def iss_fingerprint(self, iss):
         """A keyed digest of an iss: lets us tell "same iss" without keeping it."""

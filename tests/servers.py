@@ -1,0 +1,171 @@
+"""Helpers for the tests that run the service as real processes on 127.0.0.1.
+
+A ``Gunicorn`` is a master with its workers in a process group of their own, so a test can stop
+it gently or kill all of it at once. ``cli`` runs ``flask --app app ...`` against the same
+instance folder, and ``call`` makes one JSON request.
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import quote
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)  # the venv's bin: gunicorn and flask live beside python
+HOST = "127.0.0.1"
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def push_env(instance_path, **settings):
+    """The environment for a server or CLI on ``instance_path``, with these PUSH_ settings only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
+    env["PUSH_INSTANCE_PATH"] = str(instance_path)
+    for key, value in settings.items():
+        env["PUSH_" + key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def cli(env, *args, timeout=60):
+    """Run ``flask --app app ARGS`` and return its stdout; fail the test if it fails."""
+    result = subprocess.run([os.path.join(BIN, "flask"), "--app", "app", *args], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"flask {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def cli_token(env, *args):
+    """Run a CLI command that prints a token alone on its last line; return the token."""
+    return cli(env, *args).strip().splitlines()[-1]
+
+
+def delivery_stats(env):
+    """``flask deliveries`` as a dict: pending, delivered, failed, oldest_pending_seconds."""
+    lines = cli(env, "deliveries").strip().splitlines()
+    return {key: int(value) for key, value in (line.split("\t") for line in lines)}
+
+
+def pushkey_path(pushkey):
+    """A pushkey as one URL path segment (base64 pushkeys carry ``/``, ``+`` and ``=``)."""
+    return quote(pushkey, safe="")
+
+
+def call(port, method, path, body=None, token=None, timeout=30):
+    """One HTTP request to 127.0.0.1:port; return (status, the JSON body or raw text)."""
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        raw = response.read()
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(raw) if raw else None
+    except ValueError:
+        return response.status, raw.decode(errors="replace")
+
+
+def wait_until(condition, timeout, what, interval=0.1):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Gunicorn:
+    """``gunicorn -w N 'app:create_app()'`` on a free loopback port, logging to a file.
+
+    Use it as a context manager: leaving the block always stops it.
+    """
+
+    def __init__(self, env, workers, log_dir, name="gunicorn"):
+        self.env = env
+        self.workers = workers
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self.port = None
+        self.process = None
+        for _ in range(3):  # another program may grab the free port before gunicorn binds it
+            self.start()
+            if self.wait_healthy():
+                return
+            self.stop()
+            if "Connection in use" not in self.log():
+                break
+        raise AssertionError(f"gunicorn did not come up; its log:\n{self.log()}")
+
+    def start(self):
+        """Start the master (it forks the workers) in a new session, hence its own group."""
+        self.port = free_port()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [os.path.join(BIN, "gunicorn"), "-w", str(self.workers), "--no-control-socket",
+                 "-b", f"{HOST}:{self.port}", "app:create_app()"],
+                cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout=60):
+        """True once /healthz answers 200; False if the master exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if call(self.port, "GET", "/healthz", timeout=5)[0] == 200:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def log(self):
+        """Everything gunicorn and the app wrote to stdout and stderr so far."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+    def worker_pids(self):
+        """The pids of the workers the master says it booted."""
+        return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", self.log())]
+
+    def stop(self, timeout=30):
+        """SIGTERM to the master, which stops its workers; SIGKILL to the group if it hangs."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self):
+        """SIGKILL to the master and every worker at once, as a power cut would do."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

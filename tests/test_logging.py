@@ -1,0 +1,32 @@
+"""Logs never carry a whole pushkey (SPEC section 5)."""
+
+import logging
+
+from app import RedactPushkeys
+from delivery import redact
+
+
+def access_record(line):
+    return logging.LogRecord("werkzeug", logging.INFO, __file__, 1, '%s - - [%s] %s',
+                             ("127.0.0.1", "24/Nov/2026", line), None)
+
+
+def test_access_log_lines_shorten_pushkeys_in_paths():
+    for path in ("/push/v1/channels/Xp%2FMzCt8%2F9DcSNE9cuia%3D",
+                 "/push/v1/history/device/Xp/MzCt8/9DcSNE9cuia="):
+        record = access_record(f'"GET {path} HTTP/1.1" 200 -')
+        assert RedactPushkeys().filter(record)
+        message = record.getMessage()
+        assert "9DcSNE9cuia" not in message and "MzCt8" not in message
+        assert "HTTP/1.1\" 200" in message
+
+
+def test_other_lines_pass_unchanged():
+    record = access_record('"GET /push/v1/pushers HTTP/1.1" 200 -')
+    RedactPushkeys().filter(record)
+    assert record.getMessage().endswith('"GET /push/v1/pushers HTTP/1.1" 200 -')
+
+
+def test_redact_keeps_only_a_prefix():
+    assert redact("abcdefghijklmnop") == "abcdef…"
+    assert redact("abc") == "…"
