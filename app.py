@@ -6,10 +6,12 @@ Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app(
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
 import uuid
+from collections import Counter
 
 import click
 from flask import Flask, current_app, g, request
@@ -17,8 +19,8 @@ from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from flask_smorest import abort as smorest_abort
 from peewee import EXCLUDED, JOIN, IntegrityError, fn
-from webargs import core
 from webargs.flaskparser import FlaskParser
+from werkzeug.routing import PathConverter
 
 import crypto
 import delivery
@@ -122,6 +124,13 @@ def create_app(test_config=None, instance_path=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
+    logging.getLogger("peewee").setLevel(logging.INFO)
+    for name in ("werkzeug", "gunicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactPushkeys) for f in logger.filters):
+            logger.addFilter(RedactPushkeys())
+
     url = app.config["DATABASE_URL"] or sqlite_path(app.instance_path)
     db.initialize(open_database(url))
     create_schema(os.path.join(app.instance_path, ".schema.lock"))
@@ -145,6 +154,7 @@ def create_app(test_config=None, instance_path=None):
         db.execute_sql("SELECT 1")
         return {"status": "ok"}
 
+    app.url_map.converters["pushkey"] = PushkeyConverter
     api = PushApi(app)
     for blueprint in (pushers_blp, channels_blp, notifications_blp, history_blp):
         api.register_blueprint(blueprint, url_prefix=PREFIX)
@@ -181,6 +191,18 @@ def normalize_config(config):
     unknown = [k for k in config if k.isupper() and k.startswith("PUSH_")]
     for key in unknown:
         log.warning("config key %s has the PUSH_ prefix; in config.py write %s", key, key[5:])
+
+
+class RedactPushkeys(logging.Filter):
+    """Shortens pushkeys in access-log request lines (they sit in some URL paths)."""
+
+    PATTERN = re.compile(r"(/channels/|/history/device/)([^\s?\"]{6})[^\s?\"]*")
+
+    def filter(self, record):
+        message = record.getMessage()
+        if "/channels/" in message or "/history/device/" in message:
+            record.msg, record.args = self.PATTERN.sub(r"\1\2…", message), ()
+        return True
 
 
 def serves_http():
@@ -226,6 +248,11 @@ class PushApi(Api):
         return body, error.code, headers
 
 
+def reject_json_constant(name):
+    """json.loads hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
 class JSONBodyParser(FlaskParser):
     """Reads any request body as JSON (whatever its Content-Type) and maps errors to errcodes."""
 
@@ -233,7 +260,13 @@ class JSONBodyParser(FlaskParser):
         data = req.get_data(cache=True)
         if not data.strip():
             abort(400, "M_NOT_JSON", "The request body must be a JSON object")
-        return core.parse_json(data)
+        try:
+            return json.loads(data.decode(), parse_constant=reject_json_constant)
+        except (ValueError, RecursionError):
+            # ValueError covers bad JSON, bad UTF-8, NaN/Infinity (not JSON, and they would
+            # come back out as invalid JSON) and integers too long to convert; RecursionError
+            # deeply nested arrays. None of them may become a 500.
+            abort(400, "M_NOT_JSON", "The request body is not valid JSON")
 
     def _handle_invalid_json_error(self, error, req, *args, **kwargs):
         abort(400, "M_NOT_JSON", "The request body is not valid JSON")
@@ -308,9 +341,26 @@ def authenticate(kind):
     return owner_id
 
 
+def authenticate_user_first():
+    """before_request hook: check the user token (g.user_id) before any body is read.
+
+    So a caller without a valid token learns nothing from validation errors, and every
+    request, well-formed or not, counts against the rate limit.
+    """
+    if request.method != "OPTIONS":
+        g.user_id = authenticate("user")
+
+
+def authenticate_service_first():
+    """before_request hook: the service token (g.service_id), checked before the body."""
+    if request.method != "OPTIONS":
+        g.service_id = authenticate("service")
+
+
 # --- pushers --------------------------------------------------------------------------------
 
 pushers_blp = PushBlueprint("pushers", __name__, description="Register devices (pushers)")
+pushers_blp.before_request(authenticate_user_first)
 
 
 def pusher_out(pusher):
@@ -364,7 +414,7 @@ class Pushers(MethodView):
     @pushers_blp.doc(security=[{"bearer": []}])
     def get(self):
         """List the caller's pushers, oldest first."""
-        user_id = authenticate("user")
+        user_id = g.user_id
         pushers = (Pusher.select(Pusher, EncryptionKey)
                    .join(EncryptionKey, JOIN.LEFT_OUTER)
                    .where(Pusher.user == user_id)
@@ -380,7 +430,7 @@ class PusherSet(MethodView):
     @pushers_blp.doc(security=[{"bearer": []}])
     def post(self, body):
         """Create, update (kind "http") or delete (kind null) one pusher of the caller."""
-        user_id = authenticate("user")
+        user_id = g.user_id
         match = ((Pusher.user == user_id) & (Pusher.app_id == body["app_id"])
                  & (Pusher.pushkey == body["pushkey"]))
         if body["kind"] is None:
@@ -433,6 +483,15 @@ class PusherSet(MethodView):
 # --- channels -------------------------------------------------------------------------------
 
 channels_blp = PushBlueprint("channels", __name__, description="Pick notification channels")
+channels_blp.before_request(authenticate_user_first)
+
+
+class PushkeyConverter(PathConverter):
+    """A pushkey in a URL: like ``path``, but it may also start with a slash (base64 can)."""
+
+    regex = ".+"
+    part_isolating = False  # Werkzeug would infer True from a regex without "/"
+
 
 
 def own_device_or_404(user_id, pushkey):
@@ -449,19 +508,18 @@ class Channels(MethodView):
     @channels_blp.doc(security=[{"bearer": []}])
     def get(self):
         """The channel catalogue with each channel's default status."""
-        authenticate("user")
         channels = Channel.select().order_by(Channel.id)
         return {"channels": [{"id": c.id, "status": c.default_status} for c in channels]}
 
 
-@channels_blp.route("/channels/<path:pushkey>")
+@channels_blp.route("/channels/<pushkey:pushkey>", merge_slashes=False)
 class DeviceChannels(MethodView):
     @channels_blp.response(200, ChannelsSchema)
     @documented_errors(channels_blp, 401, 403, 404, 429)
     @channels_blp.doc(security=[{"bearer": []}])
     def get(self, pushkey):
         """Every catalogue channel with this device's state: enabled, disabled or not_set."""
-        user_id = authenticate("user")
+        user_id = g.user_id
         own_device_or_404(user_id, pushkey)
         states = dict(
             ChannelState.select(ChannelState.channel, ChannelState.status)
@@ -478,10 +536,10 @@ class DeviceChannels(MethodView):
     @channels_blp.doc(security=[{"bearer": []}])
     def post(self, body, pushkey):
         """Change some channel states of this device; all or nothing."""
-        user_id = authenticate("user")
+        user_id = g.user_id
         changes = body["channels"]
         names = [change["name"] for change in changes]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
         if duplicates:
             abort(400, "M_INVALID_PARAM", f"Channel named more than once: {', '.join(duplicates)}")
         with transaction():
@@ -510,6 +568,7 @@ class DeviceChannels(MethodView):
 
 notifications_blp = PushBlueprint("notifications", __name__,
                                   description="Send notifications (service token)")
+notifications_blp.before_request(authenticate_service_first)
 
 
 def recipients(user_id, channel):
@@ -534,7 +593,7 @@ class Notifications(MethodView):
     @notifications_blp.doc(security=[{"bearer": []}])
     def post(self, body):
         """Queue one notification for every subscribed device of a user."""
-        service_id = authenticate("service")
+        service_id = g.service_id
         payload = compact_json(body["payload"])
         if len(payload) > crypto.MAX_PAYLOAD_BYTES:
             abort(413, "M_TOO_LARGE",
@@ -585,6 +644,7 @@ def created(notification_id):
 # --- history --------------------------------------------------------------------------------
 
 history_blp = PushBlueprint("history", __name__, description="Notifications sent to the caller")
+history_blp.before_request(authenticate_user_first)
 
 
 def message_out(notification):
@@ -598,7 +658,7 @@ class HistoryItem(MethodView):
     @history_blp.doc(security=[{"bearer": []}])
     def get(self, notification_id):
         """One notification sent to the caller."""
-        user_id = authenticate("user")
+        user_id = g.user_id
         notification = Notification.get_or_none((Notification.id == notification_id)
                                                  & (Notification.user == user_id))
         if notification is None:
@@ -606,14 +666,14 @@ class HistoryItem(MethodView):
         return message_out(notification)
 
 
-@history_blp.route("/history/device/<path:pushkey>")
+@history_blp.route("/history/device/<pushkey:pushkey>", merge_slashes=False)
 class DeviceHistory(MethodView):
     @history_blp.response(200, MessagesSchema)
     @documented_errors(history_blp, 401, 403, 404, 429)
     @history_blp.doc(security=[{"bearer": []}])
     def get(self, pushkey):
         """Notifications addressed to one of the caller's devices, newest first."""
-        user_id = authenticate("user")
+        user_id = g.user_id
         notifications = (Notification.select(Notification.id, Notification.payload)
                          .join(Delivery)
                          .where((Delivery.user == user_id) & (Delivery.pushkey == pushkey))
@@ -694,7 +754,9 @@ def register_cli(app):
             user = get_user(user_id)
             for pusher in user.pushers:
                 delete_pusher(pusher)
-            user.delete_instance(recursive=True)
+            # delete_nullable: tokens and notifications (nullable foreign keys) go too, rather
+            # than stay behind pointing at nobody.
+            user.delete_instance(recursive=True, delete_nullable=True)
         click.echo(f"deleted user {user_id}")
 
     def get_service(name):
@@ -734,17 +796,25 @@ def register_cli(app):
     @channels.command("add")
     @click.argument("channel_id")
     @click.option("--default", "default_status", type=click.Choice(["enabled", "disabled"]),
-                  default="disabled", show_default=True, help="State of devices that set none.")
-    @click.option("--description", default="", help="What the channel is for.")
+                  help="State of devices that set none.  [new channel: disabled]")
+    @click.option("--description", help="What the channel is for.")
     def channels_add(channel_id, default_status, description):
-        """Add a channel to the catalogue, or change its default and description."""
+        """Add a channel to the catalogue, or change its default and description.
+
+        On an existing channel only the options given change.
+        """
         with db.connection_context(), transaction():
-            (Channel.insert(id=channel_id, default_status=default_status, description=description)
-             .on_conflict(conflict_target=[Channel.id],
-                          update={Channel.default_status: default_status,
-                                  Channel.description: description})
-             .execute())
-        click.echo(f"channel {channel_id} (default {default_status})")
+            channel = Channel.get_or_none(Channel.id == channel_id)
+            if channel is None:
+                channel = Channel.create(id=channel_id, default_status=default_status or "disabled",
+                                         description=description or "")
+            else:
+                if default_status is not None:
+                    channel.default_status = default_status
+                if description is not None:
+                    channel.description = description
+                channel.save()
+        click.echo(f"channel {channel_id} (default {channel.default_status})")
 
     @channels.command("list")
     def channels_list():

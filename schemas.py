@@ -89,9 +89,8 @@ def classify(messages):
         else:
             name = ".".join(path) or "body"
             if node == REQUIRED_MESSAGE:
-                leaf = path[-1] if path else name
-                if leaf not in found["missing"]:
-                    found["missing"].append(leaf)
+                if name not in found["missing"]:
+                    found["missing"].append(name)
             elif node in TYPE_MESSAGES:
                 found["type"].append(f"{name}: {node}")
             else:
@@ -150,7 +149,7 @@ class PusherSetSchema(ClientSchema):
     pushkey = fields.String(required=True, validate=utf8_length(1, 512))
     app_display_name = fields.String(validate=validate.Length(max=255))
     device_display_name = fields.String(validate=validate.Length(max=255))
-    profile_tag = fields.String(validate=validate.Length(max=255))
+    profile_tag = fields.String(allow_none=True, validate=validate.Length(max=255))
     lang = fields.String(validate=validate.Length(max=32))
     data = fields.Dict(keys=fields.String())
     append = StrictBoolean(load_default=False)
@@ -159,24 +158,33 @@ class PusherSetSchema(ClientSchema):
     @validates("data")
     def validate_data(self, value, **kwargs):
         """data: bounded size, with a gateway URL we are willing to call."""
+        # Errors as {"url": [...]} so that they read "data.url: ..." (a field name given to
+        # ValidationError is dropped inside a @validates hook).
         if len(compact_json(value)) > MAX_DATA_BYTES:
             raise ValidationError(f"Must be at most {MAX_DATA_BYTES} bytes of JSON.")
         if "url" not in value:
-            raise ValidationError(REQUIRED_MESSAGE, "url")
+            raise ValidationError({"url": [REQUIRED_MESSAGE]})
         if not isinstance(value["url"], str):
-            raise ValidationError(fields.String.default_error_messages["invalid"], "url")
+            raise ValidationError({"url": [fields.String.default_error_messages["invalid"]]})
         if "format" in value and not isinstance(value["format"], str):
-            raise ValidationError(fields.String.default_error_messages["invalid"], "format")
-        check_gateway_url(value["url"])
+            raise ValidationError({"format": [fields.String.default_error_messages["invalid"]]})
+        try:
+            check_gateway_url(value["url"])
+        except ValidationError as error:
+            raise ValidationError({"url": error.messages}) from error
 
-    @validates_schema
-    def required_unless_deleting(self, data, **kwargs):
-        """With a non-null kind the pusher's details are required too."""
-        if data.get("kind") is None:
+    @validates_schema(pass_original=True, skip_on_field_errors=False)
+    def required_unless_deleting(self, data, original_data, **kwargs):
+        """With a non-null kind the pusher's details are required too.
+
+        Runs even when other fields failed, so that every missing field is named at once; it
+        looks at the original body, since a field that failed validation is absent from data.
+        """
+        if data.get("kind") is None or not isinstance(original_data, dict):
             return
         if data["kind"] != "http":
             raise ValidationError('Only "http" is supported.', "kind")
-        missing = {name: [REQUIRED_MESSAGE] for name in CONDITIONAL if name not in data}
+        missing = {name: [REQUIRED_MESSAGE] for name in CONDITIONAL if name not in original_data}
         if missing:
             raise ValidationError(missing)
 
@@ -198,8 +206,17 @@ def check_gateway_url(url):
     if not parts.path.endswith(GATEWAY_PATHS):
         raise error("Path must end in /_matrix/push/v1/notify, /push/v1/notify or /push/v1/.")
     allowlist = config["GATEWAY_ALLOWLIST"]
-    if allowlist and not any(url.startswith(prefix) for prefix in allowlist):
+    if allowlist and not any(allowed_by(prefix, url) for prefix in allowlist):
         raise error("This gateway is not on the server's allow-list.")
+
+
+def allowed_by(prefix, url):
+    """Whether ``url`` falls under an allow-list prefix, at a boundary: ``https://gw.example``
+    allows ``https://gw.example/...`` but not ``https://gw.example.evil.com/...``."""
+    if not url.startswith(prefix):
+        return False
+    rest = url[len(prefix):]
+    return not rest or prefix.endswith("/") or rest[0] in "/?"
 
 
 class EncryptionOutSchema(Schema):

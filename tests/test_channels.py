@@ -1,0 +1,313 @@
+"""GET /push/v1/channels and GET/POST /push/v1/channels/<pushkey> (SPEC section 1)."""
+
+from urllib.parse import quote
+
+import pytest
+
+from models import ChannelState, db
+
+CATALOGUE = "/push/v1/channels"
+
+
+def device(pushkey, encode=False):
+    return f"{CATALOGUE}/{quote(pushkey, safe='') if encode else pushkey}"
+
+
+def states(client, headers, pushkey, encode=False):
+    response = client.get(device(pushkey, encode), headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return {c["id"]: c["status"] for c in response.get_json()["channels"]}
+
+
+def change(client, headers, pushkey, *entries, encode=False):
+    """POST {"channels": [...]}; each entry a (name, value) pair or a ready dict."""
+    items = [e if isinstance(e, dict) else {"name": e[0], "value": e[1]} for e in entries]
+    return client.post(device(pushkey, encode), headers=headers, json={"channels": items})
+
+
+def assert_error(response, errcode, status=400):
+    assert response.status_code == status, response.get_json()
+    body = response.get_json()
+    assert body["errcode"] == errcode, body
+    return body["error"]
+
+
+def stored_states():
+    with db.connection_context():
+        return sorted((s.user.name, s.pushkey, s.channel_id, s.status)
+                      for s in ChannelState.select())
+
+
+@pytest.fixture
+def catalogue(channel):
+    """Three channels: a and c disabled by default, b enabled."""
+    channel("a")
+    channel("b", default="enabled")
+    channel("c")
+
+
+# --- the catalogue --------------------------------------------------------------------------
+
+
+def test_catalogue_lists_every_channel_with_its_default(client, alice, catalogue):
+    response = client.get(CATALOGUE, headers=alice)
+    assert response.status_code == 200
+    assert response.get_json() == {"channels": [
+        {"id": "a", "status": "disabled"},
+        {"id": "b", "status": "enabled"},
+        {"id": "c", "status": "disabled"},
+    ]}
+
+
+def test_catalogue_default_is_disabled_unless_set(client, alice, runner):
+    assert runner.invoke(args=["channels", "add", "plain"]).exit_code == 0
+    assert client.get(CATALOGUE, headers=alice).get_json() == {
+        "channels": [{"id": "plain", "status": "disabled"}]}
+
+
+def test_catalogue_is_empty_out_of_the_box(client, alice):
+    assert client.get(CATALOGUE, headers=alice).get_json() == {"channels": []}
+
+
+def test_catalogue_needs_no_pusher_and_ignores_device_states(client, alice, user_token, register,
+                                                            catalogue):
+    bob = user_token("bob")
+    register(alice)
+    assert change(client, alice, "pk1", ("a", "enabled")).status_code == 200
+    expected = {"a": "disabled", "b": "enabled", "c": "disabled"}
+    for headers in (alice, bob):
+        listed = client.get(CATALOGUE, headers=headers).get_json()["channels"]
+        assert {c["id"]: c["status"] for c in listed} == expected
+
+
+# --- device states --------------------------------------------------------------------------
+
+
+def test_device_states_start_not_set(client, alice, register, catalogue):
+    register(alice)
+    assert states(client, alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "not_set"}
+
+
+def test_device_listing_follows_the_catalogue_order(client, alice, register, catalogue):
+    register(alice)
+    response = client.get(device("pk1"), headers=alice)
+    assert [c["id"] for c in response.get_json()["channels"]] == ["a", "b", "c"]
+
+
+def test_states_set_with_name_and_value(client, alice, register, catalogue):
+    register(alice)
+    response = change(client, alice, "pk1", ("a", "enabled"), ("b", "disabled"))
+    assert response.status_code == 200 and response.get_json() == {}
+    assert states(client, alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "not_set"}
+
+
+def test_states_set_with_id_and_status(client, alice, register, catalogue):
+    register(alice)
+    response = change(client, alice, "pk1", {"id": "a", "status": "enabled"},
+                      {"id": "c", "status": "disabled"})
+    assert response.status_code == 200
+    assert states(client, alice, "pk1") == {"a": "enabled", "b": "not_set", "c": "disabled"}
+
+
+def test_channels_not_named_stay_as_they_are(client, alice, register, catalogue):
+    register(alice)
+    change(client, alice, "pk1", ("a", "enabled"), ("b", "disabled"))
+    assert change(client, alice, "pk1", ("c", "enabled")).status_code == 200
+    assert states(client, alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "enabled"}
+    assert change(client, alice, "pk1").status_code == 200  # an empty list changes nothing
+    assert states(client, alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "enabled"}
+
+
+def test_a_state_can_be_changed_again(client, alice, register, catalogue):
+    register(alice)
+    change(client, alice, "pk1", ("a", "enabled"))
+    change(client, alice, "pk1", ("a", "disabled"))
+    assert states(client, alice, "pk1")["a"] == "disabled"
+    assert len(stored_states()) == 1
+
+
+def test_not_set_clears_the_explicit_state(client, alice, register, catalogue):
+    register(alice)
+    change(client, alice, "pk1", ("a", "enabled"), ("b", "disabled"))
+    assert change(client, alice, "pk1", ("a", "not_set"), ("c", "not_set")).status_code == 200
+    assert states(client, alice, "pk1") == {"a": "not_set", "b": "disabled", "c": "not_set"}
+    assert stored_states() == [("alice", "pk1", "b", "disabled")]
+
+
+@pytest.mark.parametrize("value", ["on", "ENABLED", "", "default"])
+def test_unknown_value_is_invalid_param_and_nothing_is_applied(client, alice, register, catalogue,
+                                                               value):
+    register(alice)
+    response = change(client, alice, "pk1", ("a", "enabled"), ("b", value))
+    assert_error(response, "M_INVALID_PARAM")
+    assert states(client, alice, "pk1")["a"] == "not_set"
+
+
+def test_unknown_channel_is_rejected_atomically(client, alice, register, catalogue):
+    register(alice)
+    change(client, alice, "pk1", ("a", "disabled"), ("b", "enabled"))
+    response = change(client, alice, "pk1", ("a", "enabled"), ("b", "not_set"), ("c", "enabled"),
+                      ("nope", "enabled"))
+    error = assert_error(response, "M_INVALID_PARAM")
+    assert "nope" in error
+    assert states(client, alice, "pk1") == {"a": "disabled", "b": "enabled", "c": "not_set"}
+
+
+def test_duplicate_channel_is_rejected_atomically(client, alice, register, catalogue):
+    register(alice)
+    change(client, alice, "pk1", ("c", "disabled"))
+    response = change(client, alice, "pk1", ("a", "enabled"), ("c", "not_set"), ("b", "disabled"),
+                      ("a", "disabled"))
+    error = assert_error(response, "M_INVALID_PARAM")
+    assert "a" in error
+    assert states(client, alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "disabled"}
+
+
+def test_duplicate_across_the_two_forms_is_rejected(client, alice, register, catalogue):
+    register(alice)
+    response = change(client, alice, "pk1", ("a", "enabled"), {"id": "a", "status": "enabled"})
+    assert_error(response, "M_INVALID_PARAM")
+    assert stored_states() == []
+
+
+@pytest.mark.parametrize("entry, missing", [
+    ({"name": "a"}, "channels.0.value"),
+    ({"value": "enabled"}, "channels.0.name"),
+    ({"id": "a"}, "channels.0.value"),
+    ({"status": "enabled"}, "channels.0.name"),
+    ({}, "channels.0.name, channels.0.value"),
+])
+def test_incomplete_entry_is_missing_param(client, alice, register, catalogue, entry, missing):
+    register(alice)
+    response = change(client, alice, "pk1", entry, ("b", "enabled"))
+    assert assert_error(response, "M_MISSING_PARAM") == f"Missing parameters: {missing}"
+    assert stored_states() == []
+
+
+def test_body_without_channels_is_missing_param(client, alice, register, catalogue):
+    register(alice)
+    response = client.post(device("pk1"), headers=alice, json={"channel": []})
+    assert assert_error(response, "M_MISSING_PARAM") == "Missing parameters: channels"
+
+
+@pytest.mark.parametrize("body", [
+    {"channels": {"a": "enabled"}},
+    {"channels": "a"},
+    {"channels": ["a"]},
+    {"channels": [{"name": 1, "value": "enabled"}]},
+    {"channels": [{"name": "a", "value": True}]},
+    {"channels": [{"name": None, "value": "enabled"}]},
+    {"channels": [{"id": ["a"], "status": "enabled"}]},
+])
+def test_wrong_shapes_are_bad_json(client, alice, register, catalogue, body):
+    register(alice)
+    assert_error(client.post(device("pk1"), headers=alice, json=body), "M_BAD_JSON")
+    assert stored_states() == []
+
+
+def test_unknown_keys_in_the_body_are_ignored(client, alice, register, catalogue):
+    register(alice)
+    response = client.post(device("pk1"), headers=alice, json={
+        "channels": [{"name": "a", "value": "enabled", "comment": "x"}], "device": "phone"})
+    assert response.status_code == 200
+    assert states(client, alice, "pk1")["a"] == "enabled"
+
+
+# --- what a device is -----------------------------------------------------------------------
+
+
+def test_state_is_shared_by_the_users_pushers_with_that_pushkey(client, alice, register,
+                                                               catalogue):
+    register(alice, "pk1", app_id="com.example.one")
+    register(alice, "pk1", app_id="com.example.two")
+    change(client, alice, "pk1", ("a", "enabled"))
+    assert stored_states() == [("alice", "pk1", "a", "enabled")]
+    delete = {"kind": None, "app_id": "com.example.one", "pushkey": "pk1"}
+    assert client.post("/push/v1/pushers/set", headers=alice, json=delete).status_code == 200
+    assert states(client, alice, "pk1")["a"] == "enabled"  # the other pusher still has it
+
+
+def test_state_goes_with_the_last_pusher_of_the_device(client, alice, register, catalogue):
+    register(alice, "pk1", app_id="com.example.one")
+    register(alice, "pk1", app_id="com.example.two")
+    register(alice, "pk2")
+    change(client, alice, "pk1", ("a", "enabled"))
+    change(client, alice, "pk2", ("b", "disabled"))
+    for app_id in ("com.example.one", "com.example.two"):
+        client.post("/push/v1/pushers/set", headers=alice,
+                    json={"kind": None, "app_id": app_id, "pushkey": "pk1"})
+    assert_error(client.get(device("pk1"), headers=alice), "M_NOT_FOUND", 404)
+    assert stored_states() == [("alice", "pk2", "b", "disabled")]
+    register(alice, "pk1")
+    assert states(client, alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "not_set"}
+
+
+def test_states_are_per_user_even_for_the_same_pushkey(client, alice, user_token, register,
+                                                      catalogue):
+    bob = user_token("bob")
+    register(alice, "pk1")
+    register(bob, "pk1", append=True)
+    change(client, alice, "pk1", ("a", "enabled"))
+    change(client, bob, "pk1", ("a", "disabled"))
+    assert states(client, alice, "pk1")["a"] == "enabled"
+    assert states(client, bob, "pk1")["a"] == "disabled"
+
+
+def test_new_catalogue_channels_show_up_as_not_set(client, alice, register, channel, catalogue):
+    register(alice)
+    change(client, alice, "pk1", ("a", "enabled"))
+    channel("d", default="enabled")
+    assert states(client, alice, "pk1") == {"a": "enabled", "b": "not_set", "c": "not_set",
+                                            "d": "not_set"}
+
+
+@pytest.mark.parametrize("pushkey", [
+    "ab/cd+ef==",
+    "/leading+slash=",
+    "a//double",
+    "trailing/",
+    "+/=",
+    "APA91b/x+y/z==",
+])
+@pytest.mark.parametrize("encode_set, encode_get", [(False, False), (True, True), (False, True),
+                                                    (True, False)],
+                         ids=["raw", "encoded", "raw-set-encoded-get", "encoded-set-raw-get"])
+def test_base64_pushkeys_work_raw_and_percent_encoded(client, alice, register, catalogue,
+                                                      pushkey, encode_set, encode_get):
+    register(alice, pushkey)
+    response = change(client, alice, pushkey, ("a", "enabled"), encode=encode_set)
+    assert response.status_code == 200, response.get_json()
+    assert states(client, alice, pushkey, encode=encode_get) == {
+        "a": "enabled", "b": "not_set", "c": "not_set"}
+    assert stored_states() == [("alice", pushkey, "a", "enabled")]
+
+
+def test_percent_encoding_uses_the_expected_escapes(client, alice, register, catalogue):
+    register(alice, "a/b+c=")
+    response = client.get(f"{CATALOGUE}/a%2Fb%2Bc%3D", headers=alice)
+    assert response.status_code == 200
+    register(alice, "a%2Fb")  # a pushkey that itself holds a percent sign
+    change(client, alice, "a%2Fb", ("c", "enabled"), encode=True)
+    assert states(client, alice, "a%2Fb", encode=True)["c"] == "enabled"
+    assert states(client, alice, "a/b+c=")["c"] == "not_set"
+
+
+def test_pushkey_of_another_user_is_404_and_leaks_nothing(client, alice, user_token, register,
+                                                          catalogue):
+    bob = user_token("bob")
+    register(bob, "bobs-phone")
+    change(client, bob, "bobs-phone", ("a", "enabled"))
+    response = client.get(device("bobs-phone"), headers=alice)
+    error = assert_error(response, "M_NOT_FOUND", 404)
+    assert "channels" not in response.get_json() and "enabled" not in error
+    response = change(client, alice, "bobs-phone", ("a", "disabled"), ("b", "disabled"))
+    assert_error(response, "M_NOT_FOUND", 404)
+    assert stored_states() == [("bob", "bobs-phone", "a", "enabled")]
+    assert states(client, bob, "bobs-phone")["a"] == "enabled"
+
+
+def test_unregistered_pushkey_is_404(client, alice, register, catalogue):
+    register(alice, "pk1")
+    assert_error(client.get(device("pk2"), headers=alice), "M_NOT_FOUND", 404)
+    assert_error(change(client, alice, "pk2", ("a", "enabled")), "M_NOT_FOUND", 404)
+    assert stored_states() == []

@@ -1,0 +1,194 @@
+"""Error bodies (SPEC section 3), health check and API documentation."""
+
+import json
+import logging
+
+import pytest
+from conftest import pusher_body
+
+from models import Pusher
+
+SET = "/push/v1/pushers/set"
+
+
+def assert_error(response, status, errcode):
+    """The response is a JSON error body with this status and errcode, never HTML."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["errcode"] == errcode, body
+    assert isinstance(body["error"], str) and body["error"]
+    assert b"<html" not in response.get_data().lower()
+    return body
+
+
+@pytest.mark.parametrize("raw", [
+    b"nope",
+    b"{",
+    b'{"kind": "http",}',
+    b"\xff\xfe{}",  # not UTF-8
+    b'{"kind": NaN}',  # not JSON (and would come back out as invalid JSON)
+    b'{"kind": Infinity}',
+    b"[" * 50000,  # nesting deep enough to blow the parser's recursion limit
+    b'{"kind": ' + b"1" * 5000 + b"}",  # an integer past Python's conversion limit
+], ids=["word", "unclosed", "trailing-comma", "not-utf8", "nan", "infinity", "deep-nesting",
+        "huge-integer"])
+def test_body_that_is_not_json_is_400_not_json(client, alice, raw):
+    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+    assert_error(response, 400, "M_NOT_JSON")
+
+
+@pytest.mark.parametrize("raw", [b"", b"   \n"])
+def test_empty_body_is_400_not_json(client, alice, raw):
+    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+    assert_error(response, 400, "M_NOT_JSON")
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"[{}]", b'"text"', b"42", b"null", b"true"])
+def test_json_that_is_not_an_object_is_400_bad_json(client, alice, raw):
+    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+    assert_error(response, 400, "M_BAD_JSON")
+
+
+def test_nan_in_data_is_refused_and_not_stored(client, alice):
+    raw = json.dumps(pusher_body(data={"url": "https://gw.example/push/v1/notify",
+                                       "x": float("nan")}))
+    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+    assert_error(response, 400, "M_NOT_JSON")
+    assert client.get("/push/v1/pushers", headers=alice).get_json() == {"pushers": []}
+
+
+def test_json_body_is_read_whatever_the_content_type(client, alice):
+    response = client.post(SET, data=json.dumps(pusher_body()), content_type="text/plain",
+                           headers=alice)
+    assert response.status_code == 200
+    assert [p["pushkey"] for p in client.get("/push/v1/pushers", headers=alice).get_json()
+            ["pushers"]] == ["pk1"]
+
+
+def test_validation_errors_are_400_not_422(client, alice):
+    response = client.post(SET, json={"kind": "http"}, headers=alice)
+    assert_error(response, 400, "M_MISSING_PARAM")
+
+
+@pytest.mark.parametrize("path", ["/push/v1/nope", "/nope", "/push/v1/pushers/set/extra",
+                                  "/push/v1/channels/"])
+def test_unknown_route_is_404_unrecognized_json(client, alice, path):
+    assert_error(client.get(path, headers=alice), 404, "M_UNRECOGNIZED")
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("delete", "/push/v1/pushers", "GET"),
+    ("get", "/push/v1/pushers/set", "POST"),
+    ("put", "/push/v1/channels", "GET"),
+    ("delete", "/push/v1/channels/pk1", "POST"),
+    ("get", "/push/v1/notifications", "POST"),
+])
+def test_wrong_method_is_405_unrecognized_json(client, alice, method, path, allowed):
+    response = getattr(client, method)(path, headers=alice)
+    assert_error(response, 405, "M_UNRECOGNIZED")
+    assert allowed in response.headers["Allow"]
+
+
+def test_body_over_max_body_bytes_is_413_too_large(make_app, alice):
+    client = make_app(MAX_BODY_BYTES=1000).test_client()
+    body = pusher_body()
+    filler = 1000 - len(json.dumps({**body, "x": ""}))
+    exactly = json.dumps({**body, "x": "a" * filler})
+    assert len(exactly) == 1000
+    response = client.post(SET, data=exactly, content_type="application/json", headers=alice)
+    assert response.status_code == 200, response.get_json()
+    too_big = json.dumps({**body, "x": "a" * (filler + 1)})
+    response = client.post(SET, data=too_big, content_type="application/json", headers=alice)
+    assert_error(response, 413, "M_TOO_LARGE")
+
+
+def test_default_body_limit_is_64_kib(client, alice):
+    body = json.dumps({**pusher_body(), "x": "a" * 65536})
+    response = client.post(SET, data=body, content_type="application/json", headers=alice)
+    assert_error(response, 413, "M_TOO_LARGE")
+
+
+def test_unexpected_exception_in_a_route_is_500_unknown_without_traceback(make_app, caplog):
+    app = make_app(TESTING=False)
+
+    def explode():
+        raise RuntimeError("secret internals 1234")
+
+    app.add_url_rule("/explode", "explode", explode)
+    with caplog.at_level(logging.ERROR):
+        response = app.test_client().get("/explode")
+    body = assert_error(response, 500, "M_UNKNOWN")
+    assert set(body) == {"errcode", "error"}
+    text = response.get_data(as_text=True)
+    assert "Traceback" not in text and "secret internals" not in text
+    assert "Traceback" in caplog.text and "RuntimeError: secret internals 1234" in caplog.text
+
+
+def test_unexpected_database_failure_is_500_unknown(make_app, alice, monkeypatch, caplog):
+    client = make_app(TESTING=False).test_client()
+
+    def broken(cls, *args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Pusher, "select", classmethod(broken))
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/push/v1/pushers", headers=alice)
+    assert_error(response, 500, "M_UNKNOWN")
+    assert "disk on fire" not in response.get_data(as_text=True)
+    assert "RuntimeError: disk on fire" in caplog.text
+
+
+def test_healthz_reports_ok(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_openapi_lists_every_endpoint_with_the_error_shape(client):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    spec = response.get_json()
+    paths = {path: set(ops) for path, ops in spec["paths"].items()}
+    expected = {
+        "/push/v1/pushers": {"get"},
+        "/push/v1/pushers/set": {"post"},
+        "/push/v1/channels": {"get"},
+        "/push/v1/channels/{pushkey}": {"get", "post"},
+        "/push/v1/notifications": {"post"},
+        "/push/v1/history/{notification_id}": {"get"},
+        "/push/v1/history/device/{pushkey}": {"get"},
+    }
+    for path, methods in expected.items():
+        assert methods <= paths.get(path, set()), path
+    set_responses = spec["paths"]["/push/v1/pushers/set"]["post"]["responses"]
+    assert {"200", "400", "401"} <= set(set_responses)
+    error_schema = spec["components"]["schemas"]["Error"]
+    assert {"errcode", "error"} <= set(error_schema["properties"])
+
+
+def test_docs_page_answers(client):
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert b"swagger" in response.get_data().lower()
+
+
+def test_every_error_response_is_json_with_errcode_and_error(client, alice, service):
+    responses = [
+        client.get("/push/v1/pushers"),
+        client.get("/push/v1/pushers", headers={"Authorization": "Bearer nope"}),
+        client.get("/push/v1/pushers", headers=service),
+        client.post(SET, data=b"x", headers=alice),
+        client.post(SET, json=[], headers=alice),
+        client.post(SET, json={"kind": "http"}, headers=alice),
+        client.post(SET, json=pusher_body(kind="email"), headers=alice),
+        client.get("/push/v1/channels/unknown", headers=alice),
+        client.get("/push/v1/missing", headers=alice),
+        client.patch("/push/v1/pushers", headers=alice),
+    ]
+    for response in responses:
+        assert response.status_code >= 400
+        assert response.mimetype == "application/json"
+        body = response.get_json()
+        assert isinstance(body["errcode"], str) and body["errcode"].startswith("M_")
+        assert isinstance(body["error"], str) and body["error"]
