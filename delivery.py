@@ -209,8 +209,9 @@ class Worker:
 
     def build_jobs(self, deliveries, notifications, pushers, outcomes):
         """Group deliveries into gateway requests; unsendable ones go straight to outcomes."""
-        period = current_period()
-        generations = {}
+        generations = self.generations_for(
+            {p.encryption_key_id for p in pushers.values() if p.encryption_key_id is not None},
+            current_period())
         single, batches = [], {}
         for d in deliveries:
             pusher = pushers.get(d.pusher_id)
@@ -231,10 +232,7 @@ class Worker:
             if n.counts:
                 body["counts"] = json.loads(n.counts)
             if pusher.encryption_key_id is not None:
-                key_id = pusher.encryption_key_id
-                if key_id not in generations:
-                    generations[key_id] = self.generation_for(key_id, period)
-                key_identifier, generation = generations[key_id]
+                key_identifier, generation = generations[pusher.encryption_key_id]
                 body = {"ciphertext": crypto.seal(generation.aes_key, n.payload.encode()),
                         "time_message_encrypted": generation.period,
                         "key_identifier": key_identifier, "identifier": n.id, **body}
@@ -259,24 +257,40 @@ class Worker:
             group[-1].items.append((d, {"id": str(d.id), "notification": body}))
         return single + [job for group in batches.values() for job in group]
 
-    def generation_for(self, key_id, period):
-        """The key generation for ``period``: ratcheted forward and stored before use."""
-        while True:
-            key = EncryptionKey.get_by_id(key_id)
-            generation = self.server_key.open_generation(key.key_identifier, key.period,
-                                                         key.sealed)
-            if generation.period >= period:
-                return key.key_identifier, generation
-            newer = crypto.ratchet(generation, period)
-            with transaction():
-                stored = (EncryptionKey
-                          .update(period=newer.period,
-                                  sealed=self.server_key.seal_generation(key.key_identifier, newer))
-                          .where((EncryptionKey.id == key_id) & (EncryptionKey.period == key.period))
-                          .execute())
-            if stored:
-                return key.key_identifier, newer
-            # Another worker moved the ratchet first: read what it stored.
+    def generations_for(self, key_ids, period):
+        """{key id: (key_identifier, generation for ``period``)} for a round's keys.
+
+        Keys behind ``period`` are ratcheted forward and stored before use, all in one
+        transaction; a key another worker moved meanwhile is read again.
+        """
+        found, behind = {}, []
+        keys = list(EncryptionKey.select().where(EncryptionKey.id.in_(key_ids))) if key_ids else []
+        while keys:
+            for key in keys:
+                generation = self.server_key.open_generation(key.key_identifier, key.period,
+                                                             key.sealed)
+                if generation.period >= period:
+                    found[key.id] = (key.key_identifier, generation)
+                else:
+                    behind.append((key, crypto.ratchet(generation, period)))
+            moved = []
+            if behind:
+                with transaction():
+                    for key, newer in behind:
+                        stored = (EncryptionKey
+                                  .update(period=newer.period,
+                                          sealed=self.server_key.seal_generation(
+                                              key.key_identifier, newer))
+                                  .where((EncryptionKey.id == key.id)
+                                         & (EncryptionKey.period == key.period))
+                                  .execute())
+                        if stored:
+                            found[key.id] = (key.key_identifier, newer)
+                        else:
+                            moved.append(key.id)
+            behind = []
+            keys = list(EncryptionKey.select().where(EncryptionKey.id.in_(moved))) if moved else []
+        return found
 
     # sending
 
@@ -344,11 +358,25 @@ class Worker:
         return delay
 
     def record(self, outcomes):
-        """Write every outcome of a round in one transaction; only rows we still hold."""
+        """Write every outcome of a round in one transaction; only rows we still hold.
+
+        Plain successes (the common case) are written in bulk; the rest row by row.
+        """
         current = time.time()
         give_up = self.config["RETRY_GIVE_UP_SECONDS"]
+        plain = [d.id for d, outcome, _, extra in outcomes
+                 if outcome == "delivered" and not (isinstance(extra, list) and extra)]
         with transaction():
+            for start in range(0, len(plain), 500):
+                (Delivery.update(state="delivered", attempts=Delivery.attempts + 1,
+                                 lease_owner=None, lease_until=None, last_error=None,
+                                 finished_at=current)
+                 .where(Delivery.id.in_(plain[start:start + 500])
+                        & (Delivery.lease_owner == self.owner))
+                 .execute())
             for d, outcome, reason, extra in outcomes:
+                if outcome == "delivered" and not (isinstance(extra, list) and extra):
+                    continue
                 rejected = extra  # rejected pushkeys; for a retry, the Retry-After header
                 mine = (Delivery.id == d.id) & (Delivery.lease_owner == self.owner)
                 attempts = d.attempts + 1
@@ -363,7 +391,8 @@ class Worker:
                 if outcome != "retry":
                     changes.update(state=outcome, finished_at=current)
                 Delivery.update(changes).where(mine).execute()
-                if outcome != "retry" and isinstance(rejected, list) and d.pusher_id:
+                if (outcome != "retry" and isinstance(rejected, list) and d.pusher_id
+                        and d.pushkey in rejected):
                     self.remove_rejected(d, rejected)
 
     @staticmethod
