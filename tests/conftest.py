@@ -57,6 +57,24 @@ def runner(app):
     return app.test_cli_runner()
 
 
+def instance_bytes(app):
+    """Every byte of every file in the instance folder (database, WAL, lock files, key)."""
+    data = b""
+    for name in os.listdir(app.instance_path):
+        path = os.path.join(app.instance_path, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data += f.read()
+    return data
+
+
+def fetch(query):
+    """Run a peewee query on its own connection; return the rows as a list."""
+    from models import db
+    with db.connection_context():
+        return list(query)
+
+
 def cli_token(runner, *args):
     """Run a CLI command that prints a token on its last line; return the token."""
     result = runner.invoke(args=list(args))

@@ -1,13 +1,12 @@
 """Bearer tokens, rate limiting, configuration and the operator CLI (SPEC section 6)."""
 
 import hashlib
-import os
 
 import pytest
-from conftest import pusher_body
+from conftest import fetch, instance_bytes, pusher_body
 
 from app import create_app
-from models import Channel, ChannelState, Notification, Pusher, Token, User, db
+from models import Channel, ChannelState, Notification, Pusher, Token, User
 
 SET = "/push/v1/pushers/set"
 CLIENT_ENDPOINTS = [
@@ -34,20 +33,8 @@ def last_line(result):
     return result.output.strip().splitlines()[-1]
 
 
-def instance_bytes(app):
-    """Every byte of every file in the instance folder (database, WAL, server key)."""
-    data = b""
-    for name in os.listdir(app.instance_path):
-        path = os.path.join(app.instance_path, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                data += f.read()
-    return data
 
 
-def fetch(query):
-    with db.connection_context():
-        return list(query)
 
 
 # --- tokens ---------------------------------------------------------------------------------

@@ -86,6 +86,18 @@ def drain(app, worker, rounds=50):
         raise AssertionError(f"still pending after {rounds} rounds: {delivery.stats()}")
 
 
+def deliver_all(app):
+    """Drain with a fresh worker on ``app``; return every delivery row afterwards."""
+    w = delivery.Worker(app)
+    try:
+        drain(app, w)
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            return list(Delivery.select().order_by(Delivery.id))
+    finally:
+        w.close()
+
+
 def send(client, service, user="alice", channel="erp.task", payload=None, **extra):
     body = {"user_id": user, "channel": channel,
             "payload": payload if payload is not None else {"task": "42"}, **extra}
@@ -307,14 +319,7 @@ def test_delivery_gives_up_after_the_configured_time(make_app, alice, service, c
     channel("erp.task", default="enabled")
     register(alice, "fail-5-phone", url=gateway.url())
     send(app.test_client(), service)
-    w = delivery.Worker(app)
-    try:
-        drain(app, w)
-        with app.app_context():
-            db.connect(reuse_if_open=True)
-            row = Delivery.get()
-    finally:
-        w.close()
+    [row] = deliver_all(app)
     assert row.state == "failed" and row.last_error.startswith("gave up")
     assert len(gateway.requests) == 1
 
@@ -369,14 +374,7 @@ def test_private_gateways_are_refused_unless_allowed(make_app, alice, service, c
     register(alice, "phone-1", url=gateway.url())
     register(alice, "phone-2", url=f"http://localhost:{gateway.port}{NOTIFY}")
     send(app.test_client(), service)
-    w = delivery.Worker(app)
-    try:
-        drain(app, w)
-        with app.app_context():
-            db.connect(reuse_if_open=True)
-            rows = list(Delivery.select())
-    finally:
-        w.close()
+    rows = deliver_all(app)
     assert gateway.requests == []
     assert [r.state for r in rows] == ["failed", "failed"]
     assert all("non-public" in r.last_error for r in rows)
@@ -395,14 +393,7 @@ def test_gateway_url_rules_are_checked_again_at_send_time(make_app, alice, servi
     register(alice, "phone-1", url=gateway.url())  # http allowed at registration
     app = make_app(ALLOW_HTTP_GATEWAYS=False)  # then the operator turns it off
     send(app.test_client(), service)
-    w = delivery.Worker(app)
-    try:
-        drain(app, w)
-        with app.app_context():
-            db.connect(reuse_if_open=True)
-            row = Delivery.get()
-    finally:
-        w.close()
+    [row] = deliver_all(app)
     assert gateway.requests == [] and row.state == "failed" and "https" in row.last_error
 
 
@@ -501,11 +492,7 @@ def test_one_notification_fans_out_to_1000_devices_each_with_its_own_key(
         assert client.post("/push/v1/pushers/set", json=body, headers=alice).status_code == 200
     created = send(client, service, payload={"fan": "out"}).get_json()
     assert created["deliveries"] == 1000
-    w = delivery.Worker(app)
-    try:
-        drain(app, w)
-    finally:
-        w.close()
+    deliver_all(app)
     notes = gateway.notifications()
     assert len(notes) == 1000
     seen = set()

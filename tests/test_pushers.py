@@ -6,7 +6,7 @@ import stat
 import time
 
 import pytest
-from conftest import ISS, encryption, pusher_body
+from conftest import ISS, encryption, fetch, instance_bytes, pusher_body
 
 import app as app_module
 import crypto
@@ -38,20 +38,8 @@ def assert_error(response, errcode, status=400):
     return body["error"]
 
 
-def fetch(query):
-    with db.connection_context():
-        return list(query)
 
 
-def instance_bytes(app):
-    """Every byte of every file in the instance folder (database, WAL, lock files, key)."""
-    data = b""
-    for name in os.listdir(app.instance_path):
-        path = os.path.join(app.instance_path, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                data += f.read()
-    return data
 
 
 def set_channel(client, headers, pushkey, name, value):
