@@ -696,6 +696,24 @@ def new_token(prefix, **owner):
     return token
 
 
+def show_token(intro, token):
+    """Print a new token alone on the last line, so scripts can take it with ``tail -n 1``."""
+    click.echo(f"{intro} (shown once):")
+    click.echo(token)
+
+
+def revoke_tokens(owner_field, owner):
+    """Revoke every live token of one user or service; return how many."""
+    return (Token.update(revoked_at=now())
+            .where((owner_field == owner) & Token.revoked_at.is_null())
+            .execute())
+
+
+def live_tokens(owner):
+    """How many unrevoked tokens a user or service has."""
+    return owner.tokens.where(Token.revoked_at.is_null()).count()
+
+
 def register_cli(app):
     """The operator commands: users, services, channels, worker, deliveries."""
     users = app.cli.group("users", help="Manage users and their tokens.")(lambda: None)
@@ -716,8 +734,7 @@ def register_cli(app):
             if User.get_or_none(User.name == user_id):
                 raise click.ClickException(f"user {user_id!r} exists; use 'users token'")
             token = new_token("pu_", user=User.create(name=user_id))
-        click.echo(f"created user {user_id}; its token (shown once):")
-        click.echo(token)
+        show_token(f"created user {user_id}; its token", token)
 
     @users.command("token")
     @click.argument("user_id")
@@ -725,25 +742,22 @@ def register_cli(app):
         """Print a new bearer token for an existing user (last line)."""
         with db.connection_context(), transaction():
             token = new_token("pu_", user=get_user(user_id))
-        click.echo(f"new token for {user_id} (shown once):")
-        click.echo(token)
+        show_token(f"new token for {user_id}", token)
 
     @users.command("list")
     def users_list():
         """List users with their pusher and live token counts."""
         with db.connection_context():
             for user in User.select().order_by(User.name):
-                tokens = user.tokens.where(Token.revoked_at.is_null()).count()
-                click.echo(f"{user.name}\tpushers={user.pushers.count()}\ttokens={tokens}")
+                click.echo(f"{user.name}\tpushers={user.pushers.count()}"
+                           f"\ttokens={live_tokens(user)}")
 
     @users.command("revoke")
     @click.argument("user_id")
     def users_revoke(user_id):
         """Revoke every token of a user."""
         with db.connection_context(), transaction():
-            count = (Token.update(revoked_at=now())
-                     .where((Token.user == get_user(user_id)) & Token.revoked_at.is_null())
-                     .execute())
+            count = revoke_tokens(Token.user, get_user(user_id))
         click.echo(f"revoked {count} token(s) of {user_id}")
 
     @users.command("delete")
@@ -772,25 +786,21 @@ def register_cli(app):
         with db.connection_context(), transaction():
             service, _ = Service.get_or_create(name=name)
             token = new_token("ps_", service=service)
-        click.echo(f"service {name}; its token (shown once):")
-        click.echo(token)
+        show_token(f"service {name}; its token", token)
 
     @services.command("list")
     def services_list():
         """List services with their live token counts."""
         with db.connection_context():
             for service in Service.select().order_by(Service.name):
-                tokens = service.tokens.where(Token.revoked_at.is_null()).count()
-                click.echo(f"{service.name}\ttokens={tokens}")
+                click.echo(f"{service.name}\ttokens={live_tokens(service)}")
 
     @services.command("revoke")
     @click.argument("name")
     def services_revoke(name):
         """Revoke every token of a service."""
         with db.connection_context(), transaction():
-            count = (Token.update(revoked_at=now())
-                     .where((Token.service == get_service(name)) & Token.revoked_at.is_null())
-                     .execute())
+            count = revoke_tokens(Token.service, get_service(name))
         click.echo(f"revoked {count} token(s) of {name}")
 
     @channels.command("add")
