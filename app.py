@@ -38,6 +38,7 @@ from models import (
     db,
     delete_pusher,
     drop_unused_key,
+    lock_user,
     now,
     open_database,
     sqlite_path,
@@ -455,29 +456,42 @@ class PusherSet(MethodView):
             "data": compact_json(body["data"]).decode(),
             "pushkey_ts": now(),
         }
-        with transaction():
-            values["encryption_key"] = register_key(encryption) if encryption else None
-            pusher = Pusher.get_or_none(match)
-            if pusher is None:
-                count = Pusher.select().where(Pusher.user == user_id).count()
-                if count >= current_app.config["MAX_PUSHERS_PER_USER"]:
-                    abort(403, "M_RESOURCE_LIMIT_EXCEEDED",
-                          f"A user may have at most {current_app.config['MAX_PUSHERS_PER_USER']}"
-                          " pushers")
-                Pusher.create(user=user_id, app_id=body["app_id"], pushkey=body["pushkey"],
-                              **values)
-            else:
-                old_key = pusher.encryption_key_id
-                Pusher.update(values).where(Pusher.id == pusher.id).execute()
-                if old_key is not None and old_key != getattr(values["encryption_key"], "id", None):
-                    drop_unused_key(old_key)
-            if not body["append"]:
-                others = Pusher.select().where(
-                    (Pusher.app_id == body["app_id"]) & (Pusher.pushkey == body["pushkey"])
-                    & (Pusher.user != user_id))
-                for other in others:
-                    delete_pusher(other)
-        return {}
+        # On PostgreSQL two requests can still both find "no such row" and both insert (the
+        # user's row lock serializes one user, not a key_identifier shared across users): the
+        # loser gets IntegrityError, and a second try then sees the winner's row.
+        for attempt in (1, 2):
+            try:
+                with transaction():
+                    lock_user(user_id)
+                    save_pusher(user_id, body, values, encryption)
+                return {}
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+
+def save_pusher(user_id, body, values, encryption):
+    """The write half of POST /pushers/set, inside the caller's transaction."""
+    match = ((Pusher.user == user_id) & (Pusher.app_id == body["app_id"])
+             & (Pusher.pushkey == body["pushkey"]))
+    values["encryption_key"] = register_key(encryption) if encryption else None
+    pusher = Pusher.get_or_none(match)
+    if pusher is None:
+        limit = current_app.config["MAX_PUSHERS_PER_USER"]
+        if Pusher.select().where(Pusher.user == user_id).count() >= limit:
+            abort(403, "M_RESOURCE_LIMIT_EXCEEDED", f"A user may have at most {limit} pushers")
+        Pusher.create(user=user_id, app_id=body["app_id"], pushkey=body["pushkey"], **values)
+    else:
+        old_key = pusher.encryption_key_id
+        Pusher.update(values).where(Pusher.id == pusher.id).execute()
+        if old_key is not None and old_key != getattr(values["encryption_key"], "id", None):
+            drop_unused_key(old_key)
+    if not body["append"]:
+        others = Pusher.select().where(
+            (Pusher.app_id == body["app_id"]) & (Pusher.pushkey == body["pushkey"])
+            & (Pusher.user != user_id))
+        for other in others:
+            delete_pusher(other)
 
 
 # --- channels -------------------------------------------------------------------------------

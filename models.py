@@ -1,7 +1,9 @@
 """Database models (peewee) and the few queries that several parts of the app share.
 
 Times are unix seconds (integers, or floats where sub-second scheduling matters) so the same
-schema works on SQLite and PostgreSQL.
+schema works on SQLite and PostgreSQL. On PostgreSQL the floats must be DOUBLE PRECISION
+(``DoubleField``): peewee's ``FloatField`` becomes REAL there, whose 24-bit mantissa rounds a
+unix time to 128 seconds. The integers are BIGINT so they outlive 2038.
 """
 
 import fcntl
@@ -10,11 +12,11 @@ import os
 import time
 
 from peewee import (
+    BigIntegerField,
     BlobField,
-    BooleanField,
     CharField,
     DatabaseProxy,
-    FloatField,
+    DoubleField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -52,14 +54,14 @@ class User(BaseModel):
     """An app user; owns pushers and receives notifications."""
 
     name = CharField(max_length=255, unique=True)
-    created_at = IntegerField(default=now)
+    created_at = BigIntegerField(default=now)
 
 
 class Service(BaseModel):
     """An operator backend allowed to send notifications."""
 
     name = CharField(max_length=255, unique=True)
-    created_at = IntegerField(default=now)
+    created_at = BigIntegerField(default=now)
 
 
 class Token(BaseModel):
@@ -68,8 +70,8 @@ class Token(BaseModel):
     digest = CharField(max_length=64, unique=True)
     user = ForeignKeyField(User, null=True, backref="tokens", on_delete="CASCADE")
     service = ForeignKeyField(Service, null=True, backref="tokens", on_delete="CASCADE")
-    created_at = IntegerField(default=now)
-    revoked_at = IntegerField(null=True)
+    created_at = BigIntegerField(default=now)
+    revoked_at = BigIntegerField(null=True)
 
 
 class Channel(BaseModel):
@@ -105,9 +107,9 @@ class Pusher(BaseModel):
     profile_tag = CharField(max_length=255, null=True)
     lang = CharField(max_length=32)
     data = TextField()
-    pushkey_ts = IntegerField()
+    pushkey_ts = BigIntegerField()
     encryption_key = ForeignKeyField(EncryptionKey, null=True, on_delete="SET NULL")
-    created_at = FloatField(default=time.time)
+    created_at = DoubleField(default=time.time)
 
     class Meta:
         indexes = ((("user", "app_id", "pushkey"), True), (("app_id", "pushkey"), False))
@@ -136,7 +138,7 @@ class Notification(BaseModel):
     payload = TextField()
     prio = CharField(max_length=4)
     counts = TextField(null=True)
-    created_at = FloatField(index=True)
+    created_at = DoubleField(index=True)
 
     class Meta:
         indexes = ((("service", "identifier"), True),)
@@ -151,12 +153,12 @@ class Delivery(BaseModel):
     pushkey = CharField(max_length=512)
     state = CharField(max_length=9, default="pending")
     attempts = IntegerField(default=0)
-    next_attempt_at = FloatField()
+    next_attempt_at = DoubleField()
     lease_owner = CharField(max_length=64, null=True)
-    lease_until = FloatField(null=True)
+    lease_until = DoubleField(null=True)
     last_error = TextField(null=True)
-    finished_at = FloatField(null=True)
-    created_at = FloatField()
+    finished_at = DoubleField(null=True)
+    created_at = DoubleField()
 
     class Meta:
         indexes = ((("state", "next_attempt_at"), False), (("user", "pushkey"), False))
@@ -190,6 +192,12 @@ def transaction():
     if isinstance(db.obj, SqliteDatabase):
         return db.atomic("IMMEDIATE")
     return db.atomic()
+
+
+def lock_user(user_id):
+    """Serialize one user's writes on PostgreSQL; SQLite's IMMEDIATE already does."""
+    if not isinstance(db.obj, SqliteDatabase):
+        list(User.select(User.id).where(User.id == user_id).for_update())
 
 
 def delete_pusher(pusher):
