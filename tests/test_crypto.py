@@ -10,14 +10,23 @@ from cryptography.exceptions import InvalidTag
 
 import crypto
 
-VECTORS_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vectors",
-                            "crypto.json")
+# A copy of ../shared/vectors/crypto.json, kept in the repo so the tests do not depend on
+# what sits beside the checkout; test_vectors_copy_matches_the_shared_file checks it is current.
+VECTORS_PATH = os.path.join(os.path.dirname(__file__), "vectors", "crypto.json")
+SHARED_VECTORS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vectors",
+                              "crypto.json")
 with open(VECTORS_PATH) as f:
     VECTORS = json.load(f)
 
 CHAINS = VECTORS["chains"]
 PADDING = VECTORS["padding"]
 SEALING = VECTORS["sealing"]
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_VECTORS), reason="no ../shared beside the checkout")
+def test_vectors_copy_matches_the_shared_file():
+    with open(SHARED_VECTORS) as f:
+        assert json.load(f) == VECTORS
 
 
 def as_hex(generation):

@@ -16,8 +16,7 @@ SET = "/push/v1/pushers/set"
 LIST = "/push/v1/pushers"
 OTHER_ISS = "ff" * 32
 
-with open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vectors",
-                       "crypto.json")) as f:
+with open(os.path.join(os.path.dirname(__file__), "vectors", "crypto.json")) as f:
     CHAINS = json.load(f)["chains"]
 
 
