@@ -81,6 +81,7 @@ DEFAULTS = {
     "MAX_PUSHERS_PER_USER": 50,
     "RATE_LIMIT_ENABLED": True,
     "RATE_LIMIT_PER_MINUTE": 600,
+    "SERVICE_RATE_LIMIT_PER_MINUTE": 6000,
     "GATEWAY_CONNECT_TIMEOUT": 5.0,
     "GATEWAY_READ_TIMEOUT": 10.0,
     "GATEWAY_MAX_RESPONSE_BYTES": 65536,
@@ -138,7 +139,7 @@ def create_app(test_config=None, instance_path=None):
     app.extensions["push_server_key"] = crypto.ServerKey.load(
         app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
     )
-    app.extensions["push_rate_limiter"] = RateLimiter(app.config["RATE_LIMIT_PER_MINUTE"])
+    app.extensions["push_rate_limiter"] = RateLimiter()
 
     @app.before_request
     def open_connection():
@@ -299,21 +300,20 @@ def documented_errors(blp, *statuses):
 
 
 class RateLimiter:
-    """A per-token sliding one-minute budget, per process (a cheap guard, not a quota)."""
+    """A per-token budget per fixed one-minute window, per process (a guard, not a quota)."""
 
-    def __init__(self, per_minute):
-        self.per_minute = per_minute
+    def __init__(self):
         self.lock = threading.Lock()
         self.windows = {}
 
-    def check(self, key):
+    def check(self, key, per_minute):
         """Return the milliseconds to wait, or 0 when the request may go ahead."""
         current = time.monotonic()
         with self.lock:
             start, count = self.windows.get(key, (current, 0))
             if current - start >= 60:
                 start, count = current, 0
-            if count >= self.per_minute:
+            if count >= per_minute:
                 return int((start + 60 - current) * 1000) + 1
             self.windows[key] = (start, count + 1)
             if len(self.windows) > 100_000:
@@ -336,7 +336,9 @@ def authenticate(kind):
     if owner_id is None:
         abort(403, "M_FORBIDDEN", f"This endpoint needs a {kind} token")
     if current_app.config["RATE_LIMIT_ENABLED"]:
-        wait_ms = current_app.extensions["push_rate_limiter"].check(digest)
+        limit = current_app.config[
+            "RATE_LIMIT_PER_MINUTE" if kind == "user" else "SERVICE_RATE_LIMIT_PER_MINUTE"]
+        wait_ms = current_app.extensions["push_rate_limiter"].check(digest, limit)
         if wait_ms:
             abort(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=wait_ms)
     return owner_id

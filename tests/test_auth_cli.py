@@ -164,6 +164,18 @@ def test_rate_limit_counts_requests_with_bad_bodies(make_app, alice):
     assert response.status_code == 429
 
 
+def test_services_have_their_own_higher_limit(make_app, alice, service, channel):
+    channel("erp.task", default="enabled")
+    client = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=1,
+                      SERVICE_RATE_LIMIT_PER_MINUTE=3).test_client()
+    body = {"user_id": "alice", "channel": "erp.task", "payload": {}}
+    for _ in range(3):
+        assert client.post("/push/v1/notifications", json=body,
+                           headers=service).status_code == 202
+    limited = client.post("/push/v1/notifications", json=body, headers=service)
+    assert limited.status_code == 429 and limited.get_json()["errcode"] == "M_LIMIT_EXCEEDED"
+
+
 def test_rate_limit_off_lets_everything_through(make_app, alice):
     client = make_app(RATE_LIMIT_ENABLED=False, RATE_LIMIT_PER_MINUTE=1).test_client()
     for _ in range(5):
