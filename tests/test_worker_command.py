@@ -1,0 +1,64 @@
+"""``flask --app app worker``: separate worker processes share the queue, each delivery once."""
+
+import collections
+import os
+import signal
+import subprocess
+
+from conftest import Gateway, cli_token, pusher_body
+from servers import BIN, ROOT, push_env, wait_until
+
+import delivery
+from models import db
+
+
+def start_worker(env, log_path):
+    log = open(log_path, "w")
+    try:
+        return subprocess.Popen([os.path.join(BIN, "flask"), "--app", "app", "worker"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def test_two_worker_commands_deliver_everything_exactly_once(make_app, tmp_path):
+    app = make_app(MAX_PUSHERS_PER_USER=100)
+    client, runner = app.test_client(), app.test_cli_runner()
+    alice = {"Authorization": "Bearer " + cli_token(runner, "users", "create", "alice")}
+    service = {"Authorization": "Bearer " + cli_token(runner, "services", "create", "erp")}
+    runner.invoke(args=["channels", "add", "erp.task", "--default", "enabled"])
+    gateway = Gateway()
+    try:
+        for i in range(20):
+            url = gateway.url("/push/v1/") if i % 2 else gateway.url()
+            assert client.post("/push/v1/pushers/set", headers=alice,
+                               json=pusher_body(f"phone-{i}", url=url)).status_code == 200
+        ids = [client.post("/push/v1/notifications", headers=service, json={
+            "user_id": "alice", "channel": "erp.task", "payload": {"n": n}}).get_json()[
+            "notification_id"] for n in range(10)]
+
+        env = push_env(app.instance_path, ALLOW_HTTP_GATEWAYS=True,
+                       ALLOW_PRIVATE_GATEWAYS=True, WORKER_POLL_SECONDS=0.1, WORKER_CLAIM=15)
+        workers = [start_worker(env, tmp_path / f"worker-{i}.log") for i in range(2)]
+        try:
+            wait_until(lambda: len(gateway.notifications()) >= 200, 60,
+                       "every delivery to reach the gateway")
+            with app.app_context(), db.connection_context():
+                wait_until(lambda: delivery.stats()["pending"] == 0, 30, "nothing pending")
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGINT)
+            codes = [worker.wait(timeout=30) for worker in workers]
+        logs = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
+        assert codes == [0, 0], logs
+        assert all("delivery worker stopped" in log for log in logs), logs
+        assert all("Traceback" not in log and "locked" not in log for log in logs), logs
+
+        seen = collections.Counter(
+            (note.get("event_id"), note["devices"][0]["pushkey"])
+            for note in gateway.notifications())
+        expected = {(nid, f"phone-{i}") for nid in ids for i in range(20)}
+        assert set(seen) == expected
+        assert set(seen.values()) == {1}
+    finally:
+        gateway.close()
