@@ -124,7 +124,8 @@ def create_app(test_config=None, instance_path=None):
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
     logging.getLogger("peewee").setLevel(logging.INFO)
