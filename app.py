@@ -5,6 +5,7 @@ Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app(
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -46,6 +47,7 @@ from models import (
     transaction,
 )
 from schemas import (
+    SCHEMA_CONSTRAINTS,
     ChannelsSchema,
     ChannelsUpdateSchema,
     EmptySchema,
@@ -105,6 +107,9 @@ def create_app(test_config=None, instance_path=None):
     if instance_path:
         instance_path = os.path.abspath(instance_path)
     app = Flask(__name__, instance_relative_config=True, instance_path=instance_path)
+    # "//" in a path is a 404 like any unknown path, not a 308 redirect with an HTML body
+    # (set before any rule is added: rules take the map's setting when they are bound).
+    app.url_map.merge_slashes = False
     app.config.from_mapping(DEFAULTS)
     app.config.update(
         API_TITLE="Push notification service",
@@ -162,6 +167,8 @@ def create_app(test_config=None, instance_path=None):
     for blueprint in (pushers_blp, channels_blp, notifications_blp, history_blp):
         api.register_blueprint(blueprint, url_prefix=PREFIX)
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    for name, constraints in SCHEMA_CONSTRAINTS.items():
+        api.spec.components.schemas[name].update(constraints)
 
     register_cli(app)
     if app.config["EMBEDDED_WORKER"] and serves_http():
@@ -256,20 +263,52 @@ def reject_json_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
+def finite_float(text):
+    """json.loads hook: a number too large for a float (1e400) would come back out as
+    Infinity, which is not JSON: refuse it."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def has_lone_surrogate(text, value):
+    """Whether the parsed ``value`` holds a lone UTF-16 surrogate (from a ``\\ud800`` escape):
+    such a string is not Unicode text and cannot be encoded to UTF-8 (or stored)."""
+    if not LONE_SURROGATE_ESCAPE.search(text):
+        return False  # the fast path: no escape that could make one
+    try:
+        compact_json(value)
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class JSONBodyParser(FlaskParser):
     """Reads any request body as JSON (whatever its Content-Type) and maps errors to errcodes."""
+
+    # What handle_error answers, and so what flask-smorest documents (not webargs' 422).
+    DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req):
         data = req.get_data(cache=True)
         if not data.strip():
             abort(400, "M_NOT_JSON", "The request body must be a JSON object")
         try:
-            return json.loads(data.decode(), parse_constant=reject_json_constant)
+            text = data.decode()
+            value = json.loads(text, parse_constant=reject_json_constant, parse_float=finite_float)
+            bad_text = has_lone_surrogate(text, value)
         except (ValueError, RecursionError):
-            # ValueError covers bad JSON, bad UTF-8, NaN/Infinity (not JSON, and they would
-            # come back out as invalid JSON) and integers too long to convert; RecursionError
-            # deeply nested arrays. None of them may become a 500.
+            # ValueError covers bad JSON, bad UTF-8, NaN/Infinity and numbers past a float's
+            # range (not JSON, and they would come back out as invalid JSON) and integers too
+            # long to convert; RecursionError deeply nested arrays. None may become a 500.
             abort(400, "M_NOT_JSON", "The request body is not valid JSON")
+        if bad_text:
+            abort(400, "M_NOT_JSON", "The request body holds a lone UTF-16 surrogate escape")
+        return value
 
     def _handle_invalid_json_error(self, error, req, *args, **kwargs):
         abort(400, "M_NOT_JSON", "The request body is not valid JSON")
@@ -511,8 +550,16 @@ class PushkeyConverter(PathConverter):
 
 
 
+def not_found_if_nul(value, message):
+    """404 for a path value with a NUL: nothing stored can hold one, and PostgreSQL would
+    refuse the query (psycopg2 raises ValueError: a 500)."""
+    if "\x00" in value:
+        abort(404, "M_NOT_FOUND", message)
+
+
 def own_device_or_404(user_id, pushkey):
     """404 unless the caller has a pusher with this pushkey."""
+    not_found_if_nul(pushkey, "No pusher with this pushkey")
     exists = Pusher.select().where((Pusher.user == user_id) & (Pusher.pushkey == pushkey)).exists()
     if not exists:
         abort(404, "M_NOT_FOUND", "No pusher with this pushkey")
@@ -676,6 +723,7 @@ class HistoryItem(MethodView):
     def get(self, notification_id):
         """One notification sent to the caller."""
         user_id = g.user_id
+        not_found_if_nul(notification_id, "No such notification")
         notification = Notification.get_or_none((Notification.id == notification_id)
                                                  & (Notification.user == user_id))
         if notification is None:
@@ -691,6 +739,7 @@ class DeviceHistory(MethodView):
     def get(self, pushkey):
         """Notifications addressed to one of the caller's devices, newest first."""
         user_id = g.user_id
+        not_found_if_nul(pushkey, "No pusher with this pushkey")
         notifications = (Notification.select(Notification.id, Notification.payload)
                          .join(Delivery)
                          .where((Delivery.user == user_id) & (Delivery.pushkey == pushkey))

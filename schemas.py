@@ -24,13 +24,41 @@ REQUIRED_MESSAGE = fields.Field.default_error_messages["required"]
 STATUSES = ("enabled", "disabled", "not_set")
 GATEWAY_PATHS = ("/_matrix/push/v1/notify", "/push/v1/notify", "/push/v1/")
 MAX_DATA_BYTES = 4096
-PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+# ASCII digits only, years 2000..2999 (an older start would make the first send ratchet
+# through thousands of months); matched in full (FullRegexp), since "$" alone would let a
+# trailing newline through.
+PERIOD = re.compile(r"^2[0-9]{3}-(0[1-9]|1[0-2])$")
 HEX256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def compact_json(value):
     """The compact UTF-8 JSON of a value, as stored and as sealed."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Text(fields.String):
+    """A string without NUL characters: PostgreSQL text cannot hold one (psycopg2 raises)."""
+
+    default_error_messages = {"nul": "Must not contain NUL characters."}
+
+    def __init__(self, **kwargs):
+        kwargs["metadata"] = {"pattern": "^[^\\u0000]*$", **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in value:
+            raise self.make_error("nul")
+        return value
+
+
+class FullRegexp(validate.Regexp):
+    """A Regexp that must match the whole string ("$" with re.match lets a final newline by)."""
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
 
 
 class StrictBoolean(fields.Boolean):
@@ -112,21 +140,21 @@ class ClientSchema(Schema):
 class EncryptionSchema(ClientSchema):
     method = fields.String(required=True, validate=validate.OneOf(["aes-hmac-sha256"]))
     initial_key_period = fields.String(
-        validate=validate.Regexp(PERIOD, error="Must be YYYY-MM."),
+        validate=FullRegexp(PERIOD, error="Must be YYYY-MM."),
         metadata={"description": "First month of the key chain, YYYY-MM"},
     )
     time_iss_created = fields.String(
         load_only=True,
-        validate=validate.Regexp(PERIOD, error="Must be YYYY-MM."),
+        validate=FullRegexp(PERIOD, error="Must be YYYY-MM."),
         metadata={"description": "upstream-latest name of initial_key_period"},
     )
     iss = fields.String(
         required=True,
         load_only=True,
-        validate=validate.Regexp(HEX256, error="Must be 64 hex characters."),
+        validate=FullRegexp(HEX256, error="Must be 64 hex characters."),
         metadata={"description": "Initial shared secret, hex; never returned or stored"},
     )
-    key_identifier = fields.String(required=True, validate=validate.Length(1, 128))
+    key_identifier = Text(required=True, validate=validate.Length(1, 128))
 
     @validates_schema
     def period_given(self, data, **kwargs):
@@ -139,19 +167,37 @@ class EncryptionSchema(ClientSchema):
 
 CONDITIONAL = ("app_display_name", "device_display_name", "lang", "data")
 
+# OpenAPI text of PusherSetSchema.data (the checks themselves are in validate_data).
+DATA_DOC = {
+    "description": f"At most {MAX_DATA_BYTES} bytes of JSON. url: the push gateway, https (plain "
+                   "http only where the operator allows it), path ending in "
+                   "/_matrix/push/v1/notify, /push/v1/notify or /push/v1/ (batch); the "
+                   "operator may restrict gateways to an allow-list.",
+    "required": ["url"],
+    "properties": {
+        "url": {"type": "string",
+                "pattern": r"^https://[^/?#@\[\]\s:\\]+(/[^?#\s]*)?"
+                           r"/(_matrix/push/v1/notify|push/v1/notify|push/v1/)$"},
+        "format": {"type": "string"},
+    },
+}
+
 
 class PusherSetSchema(ClientSchema):
     """Body of POST /pushers/set."""
 
     kind = fields.String(required=True, allow_none=True,
-                         metadata={"description": '"http", or null to delete'})
-    app_id = fields.String(required=True, validate=validate.Length(1, 64))
-    pushkey = fields.String(required=True, validate=utf8_length(1, 512))
-    app_display_name = fields.String(validate=validate.Length(max=255))
-    device_display_name = fields.String(validate=validate.Length(max=255))
-    profile_tag = fields.String(allow_none=True, validate=validate.Length(max=255))
-    lang = fields.String(validate=validate.Length(max=32))
-    data = fields.Dict(keys=fields.String())
+                         metadata={"description": '"http", or null to delete',
+                                   "enum": ["http", None]})
+    app_id = Text(required=True, validate=validate.Length(1, 64))
+    pushkey = Text(required=True, validate=utf8_length(1, 512),
+                   metadata={"minLength": 1, "maxLength": 512,
+                             "description": "1..512 bytes of UTF-8"})
+    app_display_name = Text(validate=validate.Length(max=255))
+    device_display_name = Text(validate=validate.Length(max=255))
+    profile_tag = Text(allow_none=True, validate=validate.Length(max=255))
+    lang = Text(validate=validate.Length(max=32))
+    data = fields.Dict(keys=fields.String(), metadata=DATA_DOC)
     append = StrictBoolean(load_default=False)
     encryption = fields.Nested(EncryptionSchema)
 
@@ -255,9 +301,9 @@ class ChannelsSchema(Schema):
 class ChannelChangeSchema(ClientSchema):
     """One change: ``{"name", "value"}`` (upstream) or ``{"id", "status"}`` (upstream-latest)."""
 
-    name = fields.String(validate=validate.Length(1, 255))
+    name = Text(validate=validate.Length(1, 255))
     value = fields.String(validate=validate.OneOf(STATUSES))
-    id = fields.String(load_only=True, validate=validate.Length(1, 255))
+    id = Text(load_only=True, validate=validate.Length(1, 255))
     status = fields.String(load_only=True, validate=validate.OneOf(STATUSES))
 
     @validates_schema
@@ -268,6 +314,22 @@ class ChannelChangeSchema(ClientSchema):
         missing = {k: [REQUIRED_MESSAGE] for k in ("name", "value") if data[k] is None}
         if missing:
             raise ValidationError(missing)
+
+
+# For the OpenAPI document: what the schema-level hooks check and marshmallow cannot express
+# (added to these components by create_app).
+SCHEMA_CONSTRAINTS = {
+    # EncryptionSchema.period_given
+    "Encryption": {"anyOf": [{"required": ["initial_key_period"]},
+                             {"required": ["time_iss_created"]}]},
+    # PusherSetSchema.required_unless_deleting: kind null, or the pusher's details
+    "PusherSet": {"anyOf": [{"properties": {"kind": {"type": "string", "nullable": True,
+                                                     "enum": [None]}}},
+                            {"required": list(CONDITIONAL)}]},
+    # ChannelChangeSchema.one_form: name (or id) and value (or status)
+    "ChannelChange": {"allOf": [{"anyOf": [{"required": ["name"]}, {"required": ["id"]}]},
+                                {"anyOf": [{"required": ["value"]}, {"required": ["status"]}]}]},
+}
 
 
 class ChannelsUpdateSchema(ClientSchema):
@@ -283,12 +345,12 @@ class EmptySchema(Schema):
 class NotificationRequestSchema(ClientSchema):
     """Body of POST /notifications (sender API)."""
 
-    user_id = fields.String(required=True, validate=validate.Length(1, 255))
-    channel = fields.String(required=True, validate=validate.Length(1, 255))
+    user_id = Text(required=True, validate=validate.Length(1, 255))
+    channel = Text(required=True, validate=validate.Length(1, 255))
     payload = fields.Dict(required=True, keys=fields.String())
     prio = fields.String(load_default="high", validate=validate.OneOf(["high", "low"]))
     counts = fields.Dict(keys=fields.String(), values=StrictInteger())
-    identifier = fields.String(validate=validate.Length(1, 255))
+    identifier = Text(validate=validate.Length(1, 255))
 
 
 class NotificationCreatedSchema(Schema):
