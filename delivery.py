@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import urllib3
+from cryptography.exceptions import InvalidTag
 from marshmallow import ValidationError
 from peewee import SqliteDatabase, fn
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -61,6 +62,10 @@ def current_period():
 
 
 # --- the HTTP client ------------------------------------------------------------------------
+
+
+class Unsendable(Exception):
+    """This delivery cannot be sent as things stand: it fails for good, with this reason."""
 
 
 class BlockedAddress(Exception):
@@ -218,44 +223,59 @@ class Worker:
             if pusher is None:
                 outcomes.append((d, "failed", "pusher removed before delivery", None))
                 continue
-            data = json.loads(pusher.data)
-            url = data.get("url", "")
             try:
-                check_gateway_url(url)
-            except ValidationError as e:
-                outcomes.append((d, "failed", f"gateway URL not allowed: {e.messages}", None))
+                url, endpoint, body = self.request_for(pusher, notifications[d.notification_id],
+                                                       generations)
+            except Unsendable as e:
+                outcomes.append((d, "failed", str(e), None))
                 continue
-            n = notifications[d.notification_id]
-            device = device_of(pusher, data)
-            batch = url.endswith(BATCH_SUFFIX)
-            body = {"prio": n.prio}
-            if n.counts:
-                body["counts"] = json.loads(n.counts)
-            if pusher.encryption_key_id is not None:
-                key_identifier, generation = generations[pusher.encryption_key_id]
-                body = {"ciphertext": crypto.seal(generation.aes_key, n.payload.encode()),
-                        "time_message_encrypted": generation.period,
-                        "key_identifier": key_identifier, "identifier": n.id, **body}
-                kind = "notifyEncrypted/batch"
-            else:
-                body = {"event_id": n.id, "type": n.channel, **body}
-                if data.get("format") != "event_id_only":
-                    body["content"] = json.loads(n.payload)
-                kind = "notify/batch"
-            if batch and kind == "notifyEncrypted/batch":
-                body["device"] = device
-            else:
-                body["devices"] = [device]
-            if not batch:
+            except Exception as e:  # one bad row must not stall the whole round
+                log.exception("could not build delivery %s", d.id)
+                outcomes.append((d, "failed", f"could not build the request: {e!r}"[:300], None))
+                continue
+            if endpoint is None:
                 job = Job(url)
                 job.items.append((d, {"notification": body}))
                 single.append(job)
                 continue
-            group = batches.setdefault((url + kind), [])
+            group = batches.setdefault(url + endpoint, [])
             if not group or len(group[-1].items) >= BATCH_SIZE:
-                group.append(Job(url + kind, batch_id=True))
+                group.append(Job(url + endpoint, batch_id=True))
             group[-1].items.append((d, {"id": str(d.id), "notification": body}))
         return single + [job for group in batches.values() for job in group]
+
+    @staticmethod
+    def request_for(pusher, n, generations):
+        """(gateway URL, batch endpoint or None, notification body) for one delivery."""
+        data = json.loads(pusher.data)
+        url = data.get("url", "")
+        try:
+            check_gateway_url(url)
+        except ValidationError as e:
+            raise Unsendable(f"gateway URL not allowed: {e.messages}") from e
+        batch = url.endswith(BATCH_SUFFIX)
+        device = device_of(pusher, data)
+        body = {"prio": n.prio}
+        if n.counts:
+            body["counts"] = json.loads(n.counts)
+        if pusher.encryption_key_id is not None:
+            if pusher.encryption_key_id not in generations:
+                raise Unsendable("the stored key cannot be opened (was the server key changed?)")
+            key_identifier, generation = generations[pusher.encryption_key_id]
+            body = {"ciphertext": crypto.seal(generation.aes_key, n.payload.encode()),
+                    "time_message_encrypted": generation.period,
+                    "key_identifier": key_identifier, "identifier": n.id, **body}
+            endpoint = "notifyEncrypted/batch"
+        else:
+            body = {"event_id": n.id, "type": n.channel, **body}
+            if data.get("format") != "event_id_only":
+                body["content"] = json.loads(n.payload)
+            endpoint = "notify/batch"
+        if batch and endpoint == "notifyEncrypted/batch":
+            body["device"] = device
+        else:
+            body["devices"] = [device]
+        return url, endpoint if batch else None, body
 
     def generations_for(self, key_ids, period):
         """{key id: (key_identifier, generation for ``period``)} for a round's keys.
@@ -267,8 +287,12 @@ class Worker:
         keys = list(EncryptionKey.select().where(EncryptionKey.id.in_(key_ids))) if key_ids else []
         while keys:
             for key in keys:
-                generation = self.server_key.open_generation(key.key_identifier, key.period,
-                                                             key.sealed)
+                try:
+                    generation = self.server_key.open_generation(key.key_identifier,
+                                                                 key.period, key.sealed)
+                except InvalidTag:
+                    log.error("key generation %s does not open with this server key", key.id)
+                    continue
                 if generation.period >= period:
                     found[key.id] = (key.key_identifier, generation)
                 else:

@@ -61,6 +61,32 @@ class FullRegexp(validate.Regexp):
         return value
 
 
+MAX_DEPTH = 32
+
+
+def json_depth(value):
+    """How deeply objects and arrays nest in a JSON value (a scalar is 0)."""
+    depth, level = 0, [value]
+    while level := [node for node in level if isinstance(node, (dict, list))]:
+        depth += 1
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else node)]
+    return depth
+
+
+class BoundedDict(fields.Dict):
+    """A JSON object nested at most MAX_DEPTH deep (deeper ones strain every encoder on the way
+    to the phone)."""
+
+    default_error_messages = {"depth": f"Must nest at most {MAX_DEPTH} levels deep."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if json_depth(value) > MAX_DEPTH:
+            raise self.make_error("depth")
+        return value
+
+
 class StrictBoolean(fields.Boolean):
     """A boolean that accepts only JSON true and false."""
 
@@ -197,7 +223,7 @@ class PusherSetSchema(ClientSchema):
     device_display_name = Text(validate=validate.Length(max=255))
     profile_tag = Text(allow_none=True, validate=validate.Length(max=255))
     lang = Text(validate=validate.Length(max=32))
-    data = fields.Dict(keys=fields.String(), metadata=DATA_DOC)
+    data = BoundedDict(keys=fields.String(), metadata=DATA_DOC)
     append = StrictBoolean(load_default=False)
     encryption = fields.Nested(EncryptionSchema)
 
@@ -347,7 +373,7 @@ class NotificationRequestSchema(ClientSchema):
 
     user_id = Text(required=True, validate=validate.Length(1, 255))
     channel = Text(required=True, validate=validate.Length(1, 255))
-    payload = fields.Dict(required=True, keys=fields.String())
+    payload = BoundedDict(required=True, keys=fields.String())
     prio = fields.String(load_default="high", validate=validate.OneOf(["high", "low"]))
     counts = fields.Dict(keys=fields.String(), values=StrictInteger())
     identifier = Text(validate=validate.Length(1, 255))

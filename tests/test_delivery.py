@@ -628,3 +628,43 @@ def test_deliveries_command_reports_counts(app, client, runner, setup, service, 
     drain(app, worker)
     out = runner.invoke(args=["deliveries"]).output
     assert "pending\t0" in out and "delivered\t2" in out and "failed\t2" in out
+
+
+# --- one bad row never stalls the queue -------------------------------------------------------
+
+
+def test_a_key_that_no_longer_opens_fails_alone(make_app, alice, service, channel, register,
+                                                gateway):
+    channel("erp.task", default="enabled")
+    register(alice, "phone-enc", url=gateway.url(), encryption=encryption())
+    register(alice, "phone-plain", url=gateway.url())
+    send(make_app().test_client(), service)
+    app = make_app(SERVER_KEY="22" * 32)  # the operator lost or changed the server key
+    rows = {row.pushkey: row for row in deliver_all(app)}
+    assert rows["phone-plain"].state == "delivered"
+    assert rows["phone-enc"].state == "failed" and "server key" in rows["phone-enc"].last_error
+    assert [n["devices"][0]["pushkey"] for n in gateway.notifications()] == ["phone-plain"]
+
+
+def test_a_corrupt_row_fails_alone(app, client, setup, service, register, gateway):
+    register(setup, "phone-broken", url=gateway.url())
+    register(setup, "phone-ok", url=gateway.url())
+    send(client, service)
+    with app.app_context(), db.connection_context():
+        Pusher.update(data="{not json").where(Pusher.pushkey == "phone-broken").execute()
+    rows = {row.pushkey: row for row in deliver_all(app)}
+    assert rows["phone-ok"].state == "delivered"
+    assert rows["phone-broken"].state == "failed"
+    assert "could not build" in rows["phone-broken"].last_error
+
+
+def test_deeply_nested_payloads_are_refused(client, setup, service):
+    def nested(depth):
+        value = 1
+        for _ in range(depth):
+            value = {"a": value}
+        return value
+
+    assert send(client, service, payload=nested(32)).status_code == 202
+    deep = send(client, service, payload=nested(33))
+    assert deep.status_code == 400 and deep.get_json()["errcode"] == "M_INVALID_PARAM"
