@@ -196,6 +196,11 @@ def normalize_config(config):
     allowlist = config["GATEWAY_ALLOWLIST"]
     if isinstance(allowlist, str):
         config["GATEWAY_ALLOWLIST"] = [p.strip() for p in allowlist.split(",") if p.strip()]
+    request_time = config["GATEWAY_CONNECT_TIMEOUT"] + config["GATEWAY_READ_TIMEOUT"]
+    if config["DELIVERY_LEASE_SECONDS"] <= request_time:
+        raise RuntimeError("PUSH_DELIVERY_LEASE_SECONDS must exceed PUSH_GATEWAY_CONNECT_TIMEOUT"
+                           " + PUSH_GATEWAY_READ_TIMEOUT: a worker sends nothing it might still"
+                           " be sending when its lease runs out")
     if config["ENCRYPTION"] not in ENCRYPTION_POLICIES:
         raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
     unknown = [k for k in config if k.isupper() and k.startswith("PUSH_")]

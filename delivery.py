@@ -8,6 +8,10 @@ a new month is sealed with the new month's key), sends it, and records the outco
 - 429, 5xx, timeouts, refused connections: retried with exponential backoff.
 - any other answer: failed for good, with the reason kept.
 
+A round never starts a request its lease might not outlast (lease minus the connect and read
+timeouts); what is left is handed back, due at once, so a slow gateway cannot make two workers
+send the same delivery.
+
 A worker runs inside each server process by default (``PUSH_EMBEDDED_WORKER``) and as
 ``flask --app app worker``. A worker killed mid-send leaves its lease to expire
 (``PUSH_DELIVERY_LEASE_SECONDS``); the rows are then sent again, so nothing is lost.
@@ -171,6 +175,7 @@ class Worker:
         self.client = GatewayClient(config, self.threads)
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="push-send")
         self.server_key = app.extensions["push_server_key"]
+        self.send_deadline = 0.0
         self.last_purge = 0.0
 
     # claiming
@@ -195,6 +200,11 @@ class Worker:
 
     def run_once(self):
         """Claim, send and record one round; return how many deliveries it handled."""
+        # Our lease must outlast any request we start: past this moment, a request could still
+        # be under way when another worker takes the delivery over, so we hand it back instead.
+        self.send_deadline = (time.time() + self.config["DELIVERY_LEASE_SECONDS"]
+                              - self.config["GATEWAY_CONNECT_TIMEOUT"]
+                              - self.config["GATEWAY_READ_TIMEOUT"])
         ids = self.claim()
         if not ids:
             return 0
@@ -325,6 +335,8 @@ class Worker:
         else:
             body = job.items[0][1]
         deliveries = [d for d, _ in job.items]
+        if time.time() > self.send_deadline:
+            return [(d, "released", None, None) for d in deliveries]
         host = job.url.split("/")[2] if "//" in job.url else "?"
         try:
             status, answer, retry_after = self.client.post(job.url, body)
@@ -400,6 +412,11 @@ class Worker:
                  .execute())
             for d, outcome, reason, extra in outcomes:
                 if outcome == "delivered" and not (isinstance(extra, list) and extra):
+                    continue
+                if outcome == "released":  # not tried: due again at once, no attempt counted
+                    (Delivery.update(lease_owner=None, lease_until=None)
+                     .where((Delivery.id == d.id) & (Delivery.lease_owner == self.owner))
+                     .execute())
                     continue
                 rejected = extra  # rejected pushkeys; for a retry, the Retry-After header
                 mine = (Delivery.id == d.id) & (Delivery.lease_owner == self.owner)

@@ -544,6 +544,7 @@ def test_a_lapsed_lease_is_claimed_again(app, client, setup, service, register, 
         with app.app_context():
             db.connect(reuse_if_open=True)
             assert len(dead.claim()) == 1
+            app.config["DELIVERY_LEASE_SECONDS"] = 120
             assert alive.run_once() == 1
             assert Delivery.get().state == "delivered"
     finally:
@@ -668,3 +669,30 @@ def test_deeply_nested_payloads_are_refused(client, setup, service):
     assert send(client, service, payload=nested(32)).status_code == 202
     deep = send(client, service, payload=nested(33))
     assert deep.status_code == 400 and deep.get_json()["errcode"] == "M_INVALID_PARAM"
+
+
+def test_a_round_hands_back_what_its_lease_might_not_cover(make_app, alice, service, channel,
+                                                           register, gateway):
+    channel("erp.task", default="enabled")
+    register(alice, "phone-1", url=gateway.url())
+    app = make_app()
+    send(app.test_client(), service)
+    # As if the round had already spent its lease on slow gateways: less is left of it than
+    # one request may take.
+    app.config.update(DELIVERY_LEASE_SECONDS=10, GATEWAY_CONNECT_TIMEOUT=5,
+                      GATEWAY_READ_TIMEOUT=6)
+    w = delivery.Worker(app)
+    try:
+        with app.app_context(), db.connection_context():
+            assert w.run_once() == 1
+            row = Delivery.get()
+    finally:
+        w.close()
+    assert gateway.requests == []
+    assert row.state == "pending" and row.attempts == 0 and row.lease_owner is None
+    assert row.next_attempt_at <= time.time()
+
+
+def test_a_lease_shorter_than_a_request_is_refused_at_start(make_app):
+    with pytest.raises(RuntimeError, match="PUSH_DELIVERY_LEASE_SECONDS"):
+        make_app(DELIVERY_LEASE_SECONDS=10, GATEWAY_CONNECT_TIMEOUT=5, GATEWAY_READ_TIMEOUT=5)
