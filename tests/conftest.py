@@ -75,6 +75,28 @@ def fetch(query):
         return list(query)
 
 
+def send_notification(client, headers, user="alice", channel="erp.task", payload=None, **extra):
+    """POST /push/v1/notifications as a service; ``payload`` defaults to {"task": "42"}."""
+    body = {"user_id": user, "channel": channel,
+            "payload": payload if payload is not None else {"task": "42"}, **extra}
+    return client.post("/push/v1/notifications", json=body, headers=headers)
+
+
+def drain(app, worker, rounds=50):
+    """Run worker rounds until nothing is pending (retries are immediate in tests)."""
+    import delivery
+    from models import db
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        try:
+            for _ in range(rounds):
+                if not worker.run_once() and delivery.stats()["pending"] == 0:
+                    return
+            raise AssertionError(f"still pending after {rounds} rounds: {delivery.stats()}")
+        finally:
+            db.close()
+
+
 def cli_token(runner, *args):
     """Run a CLI command that prints a token on its last line; return the token."""
     result = runner.invoke(args=list(args))

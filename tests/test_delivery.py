@@ -13,7 +13,8 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from conftest import ISS, encryption
+from conftest import ISS, drain, encryption
+from conftest import send_notification as send
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -76,16 +77,6 @@ def worker(app):
     w.close()
 
 
-def drain(app, worker, rounds=50):
-    """Run worker rounds until nothing is pending (retries are immediate in tests)."""
-    with app.app_context():
-        db.connect(reuse_if_open=True)
-        for _ in range(rounds):
-            if not worker.run_once() and delivery.stats()["pending"] == 0:
-                return
-        raise AssertionError(f"still pending after {rounds} rounds: {delivery.stats()}")
-
-
 def deliver_all(app):
     """Drain with a fresh worker on ``app``; return every delivery row afterwards."""
     w = delivery.Worker(app)
@@ -96,12 +87,6 @@ def deliver_all(app):
             return list(Delivery.select().order_by(Delivery.id))
     finally:
         w.close()
-
-
-def send(client, service, user="alice", channel="erp.task", payload=None, **extra):
-    body = {"user_id": user, "channel": channel,
-            "payload": payload if payload is not None else {"task": "42"}, **extra}
-    return client.post("/push/v1/notifications", json=body, headers=service)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -21,7 +20,9 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ISS, cli_token, encryption, pusher_body
+from conftest import ISS, cli_token, drain, encryption, pusher_body
+from conftest import send_notification as send
+from servers import free_port
 from test_delivery import phone_decrypt, this_month
 
 import delivery
@@ -52,12 +53,6 @@ def server_binaries():
         if all(os.access(os.path.join(folder, name), os.X_OK) for name in ("initdb", "pg_ctl")):
             return folder
     return None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -219,12 +214,6 @@ def in_db(app, query):
             db.close()
 
 
-def send(client, headers, user="alice", channel="erp.task", payload=None, **extra):
-    body = {"user_id": user, "channel": channel,
-            "payload": payload if payload is not None else {"task": "42"}, **extra}
-    return client.post("/push/v1/notifications", json=body, headers=headers)
-
-
 def recording(gateway):
     """Wrap the gateway to keep every answer with its request: [(path, body, status, reply)]."""
     answered = []
@@ -256,18 +245,6 @@ def accepted(answered):
             for device in devices:
                 out[(note.get("event_id") or note["identifier"], device["pushkey"])] += 1
     return out
-
-
-def drain(app, worker, rounds=50):
-    with app.app_context():
-        db.connect(reuse_if_open=True)
-        try:
-            for _ in range(rounds):
-                if not worker.run_once() and delivery.stats()["pending"] == 0:
-                    return
-            raise AssertionError(f"still pending after {rounds} rounds: {delivery.stats()}")
-        finally:
-            db.close()
 
 
 # --- the schema ------------------------------------------------------------------------------
