@@ -315,9 +315,6 @@ class JSONBodyParser(FlaskParser):
             abort(400, "M_NOT_JSON", "The request body holds a lone UTF-16 surrogate escape")
         return value
 
-    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
-        abort(400, "M_NOT_JSON", "The request body is not valid JSON")
-
     def handle_error(self, error, req, schema, *, error_status_code, error_headers):
         messages = error.messages
         if isinstance(messages, dict) and set(messages) == {"json"}:
