@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from conftest import ISS, drain, encryption
+from conftest import ISS, drain, encryption, fetch
 from conftest import send_notification as send
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -75,6 +75,11 @@ def worker(app):
     w = delivery.Worker(app)
     yield w
     w.close()
+
+
+def delivery_states():
+    """The state of every delivery, oldest first."""
+    return [d.state for d in fetch(Delivery.select().order_by(Delivery.id))]
 
 
 def deliver_all(app):
@@ -316,9 +321,7 @@ def test_other_4xx_fails_for_good_with_the_reason(app, client, setup, service, r
     drain(app, worker)
     drain(app, worker)
     assert len(gateway.requests) == 1
-    with app.app_context():
-        db.connect(reuse_if_open=True)
-        row = Delivery.get()
+    [row] = fetch(Delivery.select())
     assert row.state == "failed" and "400" in row.last_error and row.attempts == 1
 
 
@@ -328,9 +331,7 @@ def test_redirects_are_not_followed(app, client, setup, service, register, gatew
     send(client, service)
     drain(app, worker)
     assert len(gateway.requests) == 1
-    with app.app_context():
-        db.connect(reuse_if_open=True)
-        assert Delivery.get().state == "failed"
+    assert delivery_states() == ["failed"]
 
 
 def test_rejected_pushkey_removes_its_pusher_and_channel_states(
@@ -390,9 +391,7 @@ def test_delivery_to_a_removed_pusher_fails_without_sending(app, client, setup, 
                 json={"kind": None, "app_id": "com.example.app", "pushkey": "phone-1"})
     drain(app, worker)
     assert gateway.requests == []
-    with app.app_context():
-        db.connect(reuse_if_open=True)
-        assert Delivery.get().state == "failed"
+    assert delivery_states() == ["failed"]
 
 
 # --- batch gateways --------------------------------------------------------------------------
@@ -425,9 +424,7 @@ def test_batch_gateways_get_up_to_100_per_request(app, client, setup, service,
             else:
                 assert note["devices"][0]["pushkey"].startswith("plain-")
                 assert note["content"] == {"task": "42"}
-    with app.app_context():
-        db.connect(reuse_if_open=True)
-        assert {d.state for d in Delivery.select()} == {"delivered"}
+    assert set(delivery_states()) == {"delivered"}
 
 
 def test_batch_item_results_are_honoured(app, client, setup, service, register, gateway,
@@ -453,9 +450,7 @@ def test_batch_503_is_retried(app, client, setup, service, register, gateway, wo
     send(client, service)
     drain(app, worker)
     assert len(gateway.requests) == 3
-    with app.app_context():
-        db.connect(reuse_if_open=True)
-        assert Delivery.get().state == "delivered"
+    assert delivery_states() == ["delivered"]
 
 
 # --- scale and workers -----------------------------------------------------------------------
