@@ -329,7 +329,7 @@ class Worker:
     # sending
 
     def send(self, job):
-        """Send one request; return [(delivery, outcome, reason, rejected)]."""
+        """Send one request; return its outcomes (see ``record``)."""
         if job.batch_id:
             body = {"notifications": [item for _, item in job.items]}
         else:
@@ -396,51 +396,48 @@ class Worker:
     def record(self, outcomes):
         """Write every outcome of a round in one transaction; only rows we still hold.
 
+        An outcome is (delivery, "delivered" | "failed" | "retry" | "released", reason, extra),
+        where extra is the rejected pushkeys of a gateway answer, or a retry's Retry-After.
         Plain successes (the common case) are written in bulk; the rest row by row.
         """
         current = time.time()
         give_up = self.config["RETRY_GIVE_UP_SECONDS"]
-        plain = [d.id for d, outcome, _, extra in outcomes
-                 if outcome == "delivered" and not (isinstance(extra, list) and extra)]
+        plain, rest = [], []
+        for item in outcomes:
+            _, outcome, _, extra = item
+            (plain if outcome == "delivered" and not extra else rest).append(item)
         with transaction():
-            for start in range(0, len(plain), 500):
+            ids = [d.id for d, *_ in plain]
+            for start in range(0, len(ids), 500):
                 (Delivery.update(state="delivered", attempts=Delivery.attempts + 1,
                                  lease_owner=None, lease_until=None, last_error=None,
                                  finished_at=current)
-                 .where(Delivery.id.in_(plain[start:start + 500])
+                 .where(Delivery.id.in_(ids[start:start + 500])
                         & (Delivery.lease_owner == self.owner))
                  .execute())
-            for d, outcome, reason, extra in outcomes:
-                if outcome == "delivered" and not (isinstance(extra, list) and extra):
-                    continue
-                if outcome == "released":  # not tried: due again at once, no attempt counted
-                    (Delivery.update(lease_owner=None, lease_until=None)
-                     .where((Delivery.id == d.id) & (Delivery.lease_owner == self.owner))
-                     .execute())
-                    continue
-                rejected = extra  # rejected pushkeys; for a retry, the Retry-After header
+            for d, outcome, reason, extra in rest:
                 mine = (Delivery.id == d.id) & (Delivery.lease_owner == self.owner)
-                attempts = d.attempts + 1
-                changes = {"attempts": attempts, "lease_owner": None, "lease_until": None,
-                           "last_error": reason}
+                changes = {"lease_owner": None, "lease_until": None}
+                if outcome != "released":  # released: not tried, due again at once
+                    changes.update(attempts=d.attempts + 1, last_error=reason)
                 if outcome == "retry":
-                    next_at = current + self.retry_delay(attempts, extra)
+                    next_at = current + self.retry_delay(d.attempts + 1, extra)
                     if next_at - d.created_at > give_up:
                         outcome, changes["last_error"] = "failed", f"gave up: {reason}"
                     else:
                         changes["next_attempt_at"] = next_at
-                if outcome != "retry":
+                if outcome in ("delivered", "failed"):
                     changes.update(state=outcome, finished_at=current)
                 Delivery.update(changes).where(mine).execute()
-                if (outcome != "retry" and isinstance(rejected, list) and d.pusher_id
-                        and d.pushkey in rejected):
-                    self.remove_rejected(d, rejected)
+                if (outcome in ("delivered", "failed") and isinstance(extra, list)
+                        and d.pushkey in extra):
+                    self.remove_rejected(d)
 
     @staticmethod
-    def remove_rejected(delivery, rejected):
-        """A pushkey the gateway rejected, that we sent it, loses its pusher."""
+    def remove_rejected(delivery):
+        """The gateway rejected a pushkey we sent it: its pusher goes."""
         pusher = Pusher.get_or_none(Pusher.id == delivery.pusher_id)
-        if pusher is not None and pusher.pushkey in rejected:
+        if pusher is not None:
             log.info("gateway rejected pushkey %s; pusher removed", redact(pusher.pushkey))
             delete_pusher(pusher)
 
