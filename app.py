@@ -1,6 +1,7 @@
-"""The push-notification service: app factory, HTTP API, errors and the operator CLI.
+"""The push-notification service: app factory, errors, auth and the HTTP API.
 
-Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app()'``.
+Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app()'``. The
+operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.py``.
 """
 
 import json
@@ -14,7 +15,6 @@ import time
 import uuid
 from collections import Counter
 
-import click
 from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
@@ -23,6 +23,7 @@ from peewee import EXCLUDED, JOIN, IntegrityError, fn
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import PathConverter
 
+import cli
 import crypto
 import delivery
 from models import (
@@ -32,7 +33,6 @@ from models import (
     EncryptionKey,
     Notification,
     Pusher,
-    Service,
     Token,
     User,
     create_schema,
@@ -110,34 +110,10 @@ def create_app(test_config=None, instance_path=None):
     # "//" in a path is a 404 like any unknown path, not a 308 redirect with an HTML body
     # (set before any rule is added: rules take the map's setting when they are bound).
     app.url_map.merge_slashes = False
-    app.config.from_mapping(DEFAULTS)
-    app.config.update(
-        API_TITLE="Push notification service",
-        API_VERSION="1.0.0",
-        OPENAPI_VERSION="3.0.3",
-        OPENAPI_URL_PREFIX="/",
-        OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-    )
-    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
-    app.config.from_pyfile("config.py", silent=True)
-    app.config.from_prefixed_env(prefix="PUSH")
-    if test_config:
-        app.config.from_mapping(test_config)
-    normalize_config(app.config)
-    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
-    logging.getLogger("peewee").setLevel(logging.INFO)
-    for name in ("werkzeug", "gunicorn.access"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactPushkeys) for f in logger.filters):
-            logger.addFilter(RedactPushkeys())
+    unread = configure(app, test_config)
+    setup_logging()
+    for name in unread:
+        log.warning("%s, but no setting reads it", name)
 
     url = app.config["DATABASE_URL"] or sqlite_path(app.instance_path)
     db.initialize(open_database(url))
@@ -170,10 +146,60 @@ def create_app(test_config=None, instance_path=None):
     for name, constraints in SCHEMA_CONSTRAINTS.items():
         api.spec.components.schemas[name].update(constraints)
 
-    register_cli(app)
-    if app.config["EMBEDDED_WORKER"] and serves_http():
-        delivery.start_embedded(app)
+    cli.init_app(app)
+    delivery.init_app(app)
     return app
+
+
+#: Settings read from the environment by name rather than through app.config.
+ENVIRONMENT_ONLY = {"INSTANCE_PATH"}
+
+
+def configure(app, test_config):
+    """Defaults, then ``instance/config.py``, then ``PUSH_*`` variables, then ``test_config``.
+
+    Returns what was set that no setting reads, to be reported at start (a typo must not
+    pass silently, as in Sygnal's config check).
+    """
+    app.config.from_mapping(DEFAULTS)
+    app.config.update(
+        API_TITLE="Push notification service",
+        API_VERSION="1.0.0",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Every operation needs a bearer token: said once for the whole document.
+        API_SPEC_OPTIONS={"security": [{"bearer": []}]},
+    )
+    known = set(app.config)
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+    app.config.from_pyfile("config.py", silent=True)
+    from_file = set(app.config) - known
+    app.config.from_prefixed_env(prefix="PUSH")
+    if test_config:
+        app.config.from_mapping(test_config)
+    normalize_config(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
+    unread = [f"instance/config.py sets {key}" + (f" (write {key[5:]})" if key.startswith(
+        "PUSH_") else "") for key in sorted(from_file)]
+    unread += [f"environment variable {key} is set" for key in sorted(os.environ)
+               if key.startswith("PUSH_") and key[5:] not in known | ENVIRONMENT_ONLY]
+    return unread
+
+
+def setup_logging():
+    """Log to stderr at INFO (unless the host set up logging), pushkeys redacted, no SQL."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
+    logging.getLogger("peewee").setLevel(logging.INFO)
+    for name in ("werkzeug", "gunicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactPushkeys) for f in logger.filters):
+            logger.addFilter(RedactPushkeys())
 
 
 def normalize_config(config):
@@ -203,9 +229,6 @@ def normalize_config(config):
                            " be sending when its lease runs out")
     if config["ENCRYPTION"] not in ENCRYPTION_POLICIES:
         raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
-    unknown = [k for k in config if k.isupper() and k.startswith("PUSH_")]
-    for key in unknown:
-        log.warning("config key %s has the PUSH_ prefix; in config.py write %s", key, key[5:])
 
 
 class RedactPushkeys(logging.Filter):
@@ -218,12 +241,6 @@ class RedactPushkeys(logging.Filter):
         if "/channels/" in message or "/history/device/" in message:
             record.msg, record.args = self.PATTERN.sub(r"\1\2…", message), ()
         return True
-
-
-def serves_http():
-    """True unless we are inside a CLI command other than ``flask run``."""
-    ctx = click.get_current_context(silent=True)
-    return ctx is None or ctx.info_name == "run"
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -324,18 +341,26 @@ class JSONBodyParser(FlaskParser):
 
 
 class PushBlueprint(Blueprint):
+    """A blueprint whose every view needs a ``token`` ("user" or "service"), checked before
+    the body is read, and whose bodies are read by ``JSONBodyParser``."""
+
     ARGUMENTS_PARSER = JSONBodyParser()
+    #: What any view of a blueprint with a token can answer: no token, wrong token, too fast.
+    AUTH_ERRORS = (401, 403, 429)
 
+    def __init__(self, *args, token, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.before_request(lambda: authenticate_first(token))
 
-def documented_errors(blp, *statuses):
-    """Decorator: document the error responses of a view with the real error shape."""
+    def errors(self, *statuses):
+        """Decorator: document a view's error responses (and the auth ones) in the real shape."""
 
-    def decorate(func):
-        for status in statuses:
-            func = blp.alt_response(status, schema=ErrorSchema, description="Error")(func)
-        return func
+        def decorate(func):
+            for status in sorted({*statuses, *self.AUTH_ERRORS}, reverse=True):
+                func = self.alt_response(status, schema=ErrorSchema, description="Error")(func)
+            return func
 
-    return decorate
+        return decorate
 
 
 # --- auth -----------------------------------------------------------------------------------
@@ -386,26 +411,20 @@ def authenticate(kind):
     return owner_id
 
 
-def authenticate_user_first():
-    """before_request hook: check the user token (g.user_id) before any body is read.
+def authenticate_first(kind):
+    """before_request hook: check the token (g.user_id or g.service_id) before any body is read.
 
     So a caller without a valid token learns nothing from validation errors, and every
     request, well-formed or not, counts against the rate limit.
     """
     if request.method != "OPTIONS":
-        g.user_id = authenticate("user")
-
-
-def authenticate_service_first():
-    """before_request hook: the service token (g.service_id), checked before the body."""
-    if request.method != "OPTIONS":
-        g.service_id = authenticate("service")
+        setattr(g, f"{kind}_id", authenticate(kind))
 
 
 # --- pushers --------------------------------------------------------------------------------
 
-pushers_blp = PushBlueprint("pushers", __name__, description="Register devices (pushers)")
-pushers_blp.before_request(authenticate_user_first)
+pushers_blp = PushBlueprint("pushers", __name__, token="user",
+                            description="Register devices (pushers)")
 
 
 def pusher_out(pusher):
@@ -455,8 +474,7 @@ def register_key(encryption):
 @pushers_blp.route("/pushers")
 class Pushers(MethodView):
     @pushers_blp.response(200, PushersSchema)
-    @documented_errors(pushers_blp, 401, 403, 429)
-    @pushers_blp.doc(security=[{"bearer": []}])
+    @pushers_blp.errors()
     def get(self):
         """List the caller's pushers, oldest first."""
         user_id = g.user_id
@@ -471,8 +489,7 @@ class Pushers(MethodView):
 class PusherSet(MethodView):
     @pushers_blp.arguments(PusherSetSchema)
     @pushers_blp.response(200, EmptySchema)
-    @documented_errors(pushers_blp, 400, 401, 403, 413, 429)
-    @pushers_blp.doc(security=[{"bearer": []}])
+    @pushers_blp.errors(400, 413)
     def post(self, body):
         """Create, update (kind "http") or delete (kind null) one pusher of the caller."""
         user_id = g.user_id
@@ -540,8 +557,8 @@ def save_pusher(user_id, body, values, encryption):
 
 # --- channels -------------------------------------------------------------------------------
 
-channels_blp = PushBlueprint("channels", __name__, description="Pick notification channels")
-channels_blp.before_request(authenticate_user_first)
+channels_blp = PushBlueprint("channels", __name__, token="user",
+                             description="Pick notification channels")
 
 
 class PushkeyConverter(PathConverter):
@@ -570,8 +587,7 @@ def own_device_or_404(user_id, pushkey):
 @channels_blp.route("/channels")
 class Channels(MethodView):
     @channels_blp.response(200, ChannelsSchema)
-    @documented_errors(channels_blp, 401, 403, 429)
-    @channels_blp.doc(security=[{"bearer": []}])
+    @channels_blp.errors()
     def get(self):
         """The channel catalogue with each channel's default status."""
         channels = Channel.select().order_by(Channel.id)
@@ -581,8 +597,7 @@ class Channels(MethodView):
 @channels_blp.route("/channels/<pushkey:pushkey>", merge_slashes=False)
 class DeviceChannels(MethodView):
     @channels_blp.response(200, ChannelsSchema)
-    @documented_errors(channels_blp, 401, 403, 404, 429)
-    @channels_blp.doc(security=[{"bearer": []}])
+    @channels_blp.errors(404)
     def get(self, pushkey):
         """Every catalogue channel with this device's state: enabled, disabled or not_set."""
         user_id = g.user_id
@@ -598,8 +613,7 @@ class DeviceChannels(MethodView):
 
     @channels_blp.arguments(ChannelsUpdateSchema)
     @channels_blp.response(200, EmptySchema)
-    @documented_errors(channels_blp, 400, 401, 403, 404, 413, 429)
-    @channels_blp.doc(security=[{"bearer": []}])
+    @channels_blp.errors(400, 404, 413)
     def post(self, body, pushkey):
         """Change some channel states of this device; all or nothing."""
         user_id = g.user_id
@@ -632,9 +646,8 @@ class DeviceChannels(MethodView):
 
 # --- sending --------------------------------------------------------------------------------
 
-notifications_blp = PushBlueprint("notifications", __name__,
+notifications_blp = PushBlueprint("notifications", __name__, token="service",
                                   description="Send notifications (service token)")
-notifications_blp.before_request(authenticate_service_first)
 
 
 def recipients(user_id, channel):
@@ -655,15 +668,14 @@ def recipients(user_id, channel):
 class Notifications(MethodView):
     @notifications_blp.arguments(NotificationRequestSchema)
     @notifications_blp.response(202, NotificationCreatedSchema)
-    @documented_errors(notifications_blp, 400, 401, 403, 413, 429)
-    @notifications_blp.doc(security=[{"bearer": []}])
+    @notifications_blp.errors(400, 413)
     def post(self, body):
         """Queue one notification for every subscribed device of a user."""
         service_id = g.service_id
         payload = compact_json(body["payload"])
         if len(payload) > crypto.MAX_PAYLOAD_BYTES:
-            abort(413, "M_TOO_LARGE",
-                  f"payload is {len(payload)} bytes of JSON; at most {crypto.MAX_PAYLOAD_BYTES} fit")
+            abort(413, "M_TOO_LARGE", f"payload is {len(payload)} bytes of JSON;"
+                                      f" at most {crypto.MAX_PAYLOAD_BYTES} fit")
         channel = Channel.get_or_none(Channel.id == body["channel"])
         if channel is None:
             abort(400, "M_INVALID_PARAM", f"Unknown channel: {body['channel']}")
@@ -709,8 +721,8 @@ def created(notification_id):
 
 # --- history --------------------------------------------------------------------------------
 
-history_blp = PushBlueprint("history", __name__, description="Notifications sent to the caller")
-history_blp.before_request(authenticate_user_first)
+history_blp = PushBlueprint("history", __name__, token="user",
+                            description="Notifications sent to the caller")
 
 
 def message_out(notification):
@@ -720,8 +732,7 @@ def message_out(notification):
 @history_blp.route("/history/<string:notification_id>")
 class HistoryItem(MethodView):
     @history_blp.response(200, MessageSchema)
-    @documented_errors(history_blp, 401, 403, 404, 429)
-    @history_blp.doc(security=[{"bearer": []}])
+    @history_blp.errors(404)
     def get(self, notification_id):
         """One notification sent to the caller."""
         user_id = g.user_id
@@ -736,8 +747,7 @@ class HistoryItem(MethodView):
 @history_blp.route("/history/device/<pushkey:pushkey>", merge_slashes=False)
 class DeviceHistory(MethodView):
     @history_blp.response(200, MessagesSchema)
-    @documented_errors(history_blp, 401, 403, 404, 429)
-    @history_blp.doc(security=[{"bearer": []}])
+    @history_blp.errors(404)
     def get(self, pushkey):
         """Notifications addressed to one of the caller's devices, newest first."""
         user_id = g.user_id
@@ -752,173 +762,3 @@ class DeviceHistory(MethodView):
         if not messages:
             own_device_or_404(user_id, pushkey)
         return {"messages": messages}
-
-
-# --- CLI ------------------------------------------------------------------------------------
-
-
-def new_token(prefix, **owner):
-    """Create a random token for a user or service; returns it (shown once, stored hashed)."""
-    token = prefix + secrets.token_urlsafe(32)
-    Token.create(digest=token_digest(token), **owner)
-    return token
-
-
-def show_token(intro, token):
-    """Print a new token alone on the last line, so scripts can take it with ``tail -n 1``."""
-    click.echo(f"{intro} (shown once):")
-    click.echo(token)
-
-
-def revoke_tokens(owner_field, owner):
-    """Revoke every live token of one user or service; return how many."""
-    return (Token.update(revoked_at=now())
-            .where((owner_field == owner) & Token.revoked_at.is_null())
-            .execute())
-
-
-def live_tokens(owner):
-    """How many unrevoked tokens a user or service has."""
-    return owner.tokens.where(Token.revoked_at.is_null()).count()
-
-
-def register_cli(app):
-    """The operator commands: users, services, channels, worker, deliveries."""
-    users = app.cli.group("users", help="Manage users and their tokens.")(lambda: None)
-    services = app.cli.group("services", help="Manage sending services.")(lambda: None)
-    channels = app.cli.group("channels", help="Manage the channel catalogue.")(lambda: None)
-
-    def get_user(name):
-        user = User.get_or_none(User.name == name)
-        if user is None:
-            raise click.ClickException(f"no user {name!r}")
-        return user
-
-    @users.command("create")
-    @click.argument("user_id")
-    def users_create(user_id):
-        """Create a user and print a new bearer token (last line)."""
-        with db.connection_context(), transaction():
-            if User.get_or_none(User.name == user_id):
-                raise click.ClickException(f"user {user_id!r} exists; use 'users token'")
-            token = new_token("pu_", user=User.create(name=user_id))
-        show_token(f"created user {user_id}; its token", token)
-
-    @users.command("token")
-    @click.argument("user_id")
-    def users_token(user_id):
-        """Print a new bearer token for an existing user (last line)."""
-        with db.connection_context(), transaction():
-            token = new_token("pu_", user=get_user(user_id))
-        show_token(f"new token for {user_id}", token)
-
-    @users.command("list")
-    def users_list():
-        """List users with their pusher and live token counts."""
-        with db.connection_context():
-            for user in User.select().order_by(User.name):
-                click.echo(f"{user.name}\tpushers={user.pushers.count()}"
-                           f"\ttokens={live_tokens(user)}")
-
-    @users.command("revoke")
-    @click.argument("user_id")
-    def users_revoke(user_id):
-        """Revoke every token of a user."""
-        with db.connection_context(), transaction():
-            count = revoke_tokens(Token.user, get_user(user_id))
-        click.echo(f"revoked {count} token(s) of {user_id}")
-
-    @users.command("delete")
-    @click.argument("user_id")
-    def users_delete(user_id):
-        """Delete a user with their tokens, pushers, channel states and history."""
-        with db.connection_context(), transaction():
-            user = get_user(user_id)
-            for pusher in user.pushers:
-                delete_pusher(pusher)
-            # delete_nullable: tokens and notifications (nullable foreign keys) go too, rather
-            # than stay behind pointing at nobody.
-            user.delete_instance(recursive=True, delete_nullable=True)
-        click.echo(f"deleted user {user_id}")
-
-    def get_service(name):
-        service = Service.get_or_none(Service.name == name)
-        if service is None:
-            raise click.ClickException(f"no service {name!r}")
-        return service
-
-    @services.command("create")
-    @click.argument("name")
-    def services_create(name):
-        """Create a service, or a new token for it; prints the token (last line)."""
-        with db.connection_context(), transaction():
-            service, _ = Service.get_or_create(name=name)
-            token = new_token("ps_", service=service)
-        show_token(f"service {name}; its token", token)
-
-    @services.command("list")
-    def services_list():
-        """List services with their live token counts."""
-        with db.connection_context():
-            for service in Service.select().order_by(Service.name):
-                click.echo(f"{service.name}\ttokens={live_tokens(service)}")
-
-    @services.command("revoke")
-    @click.argument("name")
-    def services_revoke(name):
-        """Revoke every token of a service."""
-        with db.connection_context(), transaction():
-            count = revoke_tokens(Token.service, get_service(name))
-        click.echo(f"revoked {count} token(s) of {name}")
-
-    @channels.command("add")
-    @click.argument("channel_id")
-    @click.option("--default", "default_status", type=click.Choice(["enabled", "disabled"]),
-                  help="State of devices that set none.  [new channel: disabled]")
-    @click.option("--description", help="What the channel is for.")
-    def channels_add(channel_id, default_status, description):
-        """Add a channel to the catalogue, or change its default and description.
-
-        On an existing channel only the options given change.
-        """
-        with db.connection_context(), transaction():
-            channel = Channel.get_or_none(Channel.id == channel_id)
-            if channel is None:
-                channel = Channel.create(id=channel_id, default_status=default_status or "disabled",
-                                         description=description or "")
-            else:
-                if default_status is not None:
-                    channel.default_status = default_status
-                if description is not None:
-                    channel.description = description
-                channel.save()
-        click.echo(f"channel {channel_id} (default {channel.default_status})")
-
-    @channels.command("list")
-    def channels_list():
-        """List the channel catalogue."""
-        with db.connection_context():
-            for channel in Channel.select().order_by(Channel.id):
-                click.echo(f"{channel.id}\t{channel.default_status}\t{channel.description}")
-
-    @channels.command("remove")
-    @click.argument("channel_id")
-    def channels_remove(channel_id):
-        """Remove a channel and every device's state for it."""
-        with db.connection_context(), transaction():
-            if not Channel.delete().where(Channel.id == channel_id).execute():
-                raise click.ClickException(f"no channel {channel_id!r}")
-        click.echo(f"removed channel {channel_id}")
-
-    @app.cli.command("worker")
-    def worker_command():
-        """Run the delivery worker in the foreground (Ctrl-C stops it)."""
-        delivery.run_forever(current_app._get_current_object())
-
-    @app.cli.command("deliveries")
-    def deliveries_command():
-        """Show pending, delivered and failed deliveries and the oldest pending age."""
-        with db.connection_context():
-            stats = delivery.stats()
-        for key, value in stats.items():
-            click.echo(f"{key}\t{value}")

@@ -8,7 +8,9 @@ unix time to 128 seconds. The integers are BIGINT so they outlive 2038.
 
 import fcntl
 import hashlib
+import logging
 import os
+import secrets
 import time
 
 from peewee import (
@@ -25,6 +27,7 @@ from peewee import (
 )
 from playhouse.db_url import connect
 
+log = logging.getLogger("push")
 db = DatabaseProxy()
 
 # synchronous=full, not the usual "normal": in WAL mode "normal" may lose the last commits
@@ -74,6 +77,25 @@ class Token(BaseModel):
     service = ForeignKeyField(Service, null=True, backref="tokens", on_delete="CASCADE")
     created_at = BigIntegerField(default=now)
     revoked_at = BigIntegerField(null=True)
+
+
+def new_token(prefix, **owner):
+    """Create a random token for a user or service; returns it (shown once, stored hashed)."""
+    token = prefix + secrets.token_urlsafe(32)
+    Token.create(digest=token_digest(token), **owner)
+    return token
+
+
+def revoke_tokens(owner_field, owner):
+    """Revoke every live token of one user or service; return how many."""
+    return (Token.update(revoked_at=now())
+            .where((owner_field == owner) & Token.revoked_at.is_null())
+            .execute())
+
+
+def live_tokens(owner):
+    """How many unrevoked tokens a user or service has."""
+    return owner.tokens.where(Token.revoked_at.is_null()).count()
 
 
 class Channel(BaseModel):
@@ -220,6 +242,21 @@ def drop_unused_key(key_id):
     """Delete a key generation no pusher refers to any more."""
     if not Pusher.select().where(Pusher.encryption_key == key_id).exists():
         EncryptionKey.delete().where(EncryptionKey.id == key_id).execute()
+
+
+def purge_history(days):
+    """Delete notifications older than ``days`` that have nothing left to send; return how many."""
+    cutoff = time.time() - days * 86400
+    pending = Delivery.select(Delivery.notification).where(Delivery.state == "pending")
+    old = Notification.select(Notification.id).where(
+        (Notification.created_at < cutoff) & Notification.id.not_in(pending))
+    with transaction():
+        Delivery.delete().where(Delivery.notification.in_(old)).execute()
+        removed = Notification.delete().where(
+            (Notification.created_at < cutoff) & Notification.id.not_in(pending)).execute()
+    if removed:
+        log.info("purged %d notifications older than %s days", removed, days)
+    return removed
 
 
 def sqlite_path(instance_path):

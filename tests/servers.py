@@ -1,18 +1,23 @@
-"""Helpers for the tests that run the service as real processes on 127.0.0.1.
+"""Helpers for the tests that run real processes on 127.0.0.1.
 
 A ``Gunicorn`` is a master with its workers in a process group of their own, so a test can stop
 it gently or kill all of it at once. ``cli`` runs ``flask --app app ...`` against the same
-instance folder, and ``call`` makes one JSON request.
+instance folder, and ``call`` makes one JSON request. A ``Cluster`` is a throwaway PostgreSQL
+server.
 """
 
+import glob
 import http.client
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from urllib.parse import quote
 
@@ -99,7 +104,9 @@ class Gunicorn:
     Use it as a context manager: leaving the block always stops it.
     """
 
-    def __init__(self, env, workers, log_dir, name="gunicorn"):
+    def __init__(self, env, workers, log_dir, name="gunicorn", probe=True):
+        """Start gunicorn and, with ``probe``, wait until /healthz answers (a request: a test
+        that must see the server act before any request passes ``probe=False``)."""
         self.env = env
         self.workers = workers
         self.log_path = os.path.join(log_dir, f"{name}.log")
@@ -107,7 +114,7 @@ class Gunicorn:
         self.process = None
         for _ in range(3):  # another program may grab the free port before gunicorn binds it
             self.start()
-            if self.wait_healthy():
+            if not probe or self.wait_healthy():
                 return
             self.stop()
             if "Connection in use" not in self.log():
@@ -169,3 +176,102 @@ class Gunicorn:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+def server_binaries():
+    """The folder holding both initdb and pg_ctl: PATH first, then the newest Debian layout."""
+    candidates = []
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(os.path.dirname(os.path.realpath(on_path)))
+        candidates.append(os.path.dirname(on_path))
+
+    def version(path):
+        name = path.split(os.sep)[-2]
+        return tuple(int(p) for p in name.split(".") if p.isdigit())
+
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
+    for folder in candidates:
+        if all(os.access(os.path.join(folder, name), os.X_OK) for name in ("initdb", "pg_ctl")):
+            return folder
+    return None
+
+
+class Unavailable(Exception):
+    """No PostgreSQL server can be started here (the tests that need one skip)."""
+
+
+class Cluster:
+    """A throwaway PostgreSQL server: initdb and pg_ctl in a temporary folder, listening on
+    127.0.0.1 on a free port, run as the postgres user when we are root (initdb refuses root),
+    stopped with ``pg_ctl stop -m immediate``."""
+
+    def __init__(self, bindir):
+        self.bindir = bindir
+        self.prefix = []
+        self.base = tempfile.mkdtemp(prefix="push-pg-")
+        if os.geteuid() == 0:
+            try:
+                account = pwd.getpwnam("postgres")
+            except KeyError:
+                shutil.rmtree(self.base)
+                raise Unavailable("running as root and there is no 'postgres' user to run initdb")
+            runuser = shutil.which("runuser")
+            if runuser is None:
+                shutil.rmtree(self.base)
+                raise Unavailable("running as root and 'runuser' is missing (initdb refuses root)")
+            os.chown(self.base, account.pw_uid, account.pw_gid)
+            self.prefix = [runuser, "-u", "postgres", "--"]
+        os.chmod(self.base, 0o700)
+        self.data = os.path.join(self.base, "data")
+        self.log = os.path.join(self.base, "server.log")
+        self.port = None
+        self.started = False
+
+    def run(self, *args, timeout=120):
+        command = self.prefix + [os.path.join(self.bindir, args[0]), *args[1:]]
+        return subprocess.run(command, cwd=self.base, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self):
+        done = self.run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust",
+                        "--encoding=UTF8", "--locale=C", "--no-sync")
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
+        for _ in range(5):  # a free port can be taken between our probe and the server's bind
+            self.port = free_port()
+            options = (f"-h 127.0.0.1 -p {self.port} -k {self.base} -F "
+                       "-c max_connections=50 -c full_page_writes=off")
+            done = self.run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60",
+                            "-o", options, "start")
+            if done.returncode == 0:
+                self.started = True
+                return
+        with open(self.log, errors="replace") as f:
+            raise RuntimeError(f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{f.read()}")
+
+    def stop(self):
+        try:
+            if self.started:
+                self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop", timeout=60)
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def url(self, database):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name):
+        import psycopg2
+
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
+                                      dbname="postgres")
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            connection.close()
+        return self.url(name)

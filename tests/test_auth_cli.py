@@ -3,7 +3,7 @@
 import hashlib
 
 import pytest
-from conftest import fetch, instance_bytes, pusher_body
+from support import bearer, cli_token, fetch, instance_bytes, pusher_body
 
 from app import create_app
 from models import Channel, ChannelState, Notification, Pusher, Token, User
@@ -22,19 +22,6 @@ def call(client, method, path, body, headers=None):
     if method == "get":
         return client.get(path, headers=headers)
     return client.post(path, json=body, headers=headers)
-
-
-def bearer(token):
-    return {"Authorization": "Bearer " + token}
-
-
-def last_line(result):
-    assert result.exit_code == 0, result.output
-    return result.output.strip().splitlines()[-1]
-
-
-
-
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -125,7 +112,7 @@ def test_deleted_users_token_stays_unknown_when_the_name_is_reused(client, runne
     response = client.get("/push/v1/pushers", headers=alice)
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_UNKNOWN_TOKEN"
-    new = bearer(last_line(runner.invoke(args=["users", "create", "alice"])))
+    new = bearer(cli_token(runner, "users", "create", "alice"))
     assert client.get("/push/v1/pushers", headers=new).status_code == 200
     assert client.get("/push/v1/pushers", headers=alice).status_code == 401
 
@@ -212,7 +199,8 @@ def test_unreadable_settings_stop_the_app(make_app, overrides):
 
 def test_users_create_prints_the_token_alone_on_its_last_line(runner, client):
     result = runner.invoke(args=["users", "create", "carol"])
-    token = last_line(result)
+    assert result.exit_code == 0, result.output
+    token = result.output.strip().splitlines()[-1]
     assert token == token.strip() and " " not in token and len(token) >= 32
     assert token not in result.output.strip().splitlines()[0]
     assert client.get("/push/v1/pushers", headers=bearer(token)).status_code == 200
@@ -228,7 +216,7 @@ def test_users_create_of_an_existing_user_fails(runner, client, alice):
 
 
 def test_users_token_gives_an_existing_user_another_working_token(runner, client, alice):
-    second = bearer(last_line(runner.invoke(args=["users", "token", "alice"])))
+    second = bearer(cli_token(runner, "users", "token", "alice"))
     assert second != alice
     assert client.get("/push/v1/pushers", headers=second).status_code == 200
     assert client.get("/push/v1/pushers", headers=alice).status_code == 200
@@ -247,7 +235,7 @@ def test_users_list_shows_pushers_and_live_tokens(runner, alice, user_token, reg
 
 
 def test_users_revoke_revokes_every_token_of_that_user(runner, client, alice):
-    second = bearer(last_line(runner.invoke(args=["users", "token", "alice"])))
+    second = bearer(cli_token(runner, "users", "token", "alice"))
     result = runner.invoke(args=["users", "revoke", "alice"])
     assert result.exit_code == 0 and "revoked 2" in result.output
     for headers in (alice, second):
@@ -286,9 +274,9 @@ def notify(client, headers):
 
 def test_services_create_list_and_revoke(runner, client, channel):
     channel("c1")
-    first = bearer(last_line(runner.invoke(args=["services", "create", "erp"])))
+    first = bearer(cli_token(runner, "services", "create", "erp"))
     assert notify(client, first).status_code == 202
-    second = bearer(last_line(runner.invoke(args=["services", "create", "erp"])))
+    second = bearer(cli_token(runner, "services", "create", "erp"))
     assert second != first and notify(client, second).status_code == 202
     runner.invoke(args=["services", "create", "billing"])
     lines = runner.invoke(args=["services", "list"]).output.strip().splitlines()
@@ -305,7 +293,7 @@ def test_services_create_list_and_revoke(runner, client, channel):
 
 
 def test_service_token_is_not_a_user_token(runner, client):
-    token = bearer(last_line(runner.invoke(args=["services", "create", "erp"])))
+    token = bearer(cli_token(runner, "services", "create", "erp"))
     response = client.get("/push/v1/channels", headers=token)
     assert response.status_code == 403
 

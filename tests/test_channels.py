@@ -1,35 +1,11 @@
 """GET /push/v1/channels and GET/POST /push/v1/channels/<pushkey> (SPEC section 1)."""
 
-from urllib.parse import quote
-
 import pytest
+from support import assert_error
 
 from models import ChannelState, db
 
 CATALOGUE = "/push/v1/channels"
-
-
-def device(pushkey, encode=False):
-    return f"{CATALOGUE}/{quote(pushkey, safe='') if encode else pushkey}"
-
-
-def states(client, headers, pushkey, encode=False):
-    response = client.get(device(pushkey, encode), headers=headers)
-    assert response.status_code == 200, response.get_json()
-    return {c["id"]: c["status"] for c in response.get_json()["channels"]}
-
-
-def change(client, headers, pushkey, *entries, encode=False):
-    """POST {"channels": [...]}; each entry a (name, value) pair or a ready dict."""
-    items = [e if isinstance(e, dict) else {"name": e[0], "value": e[1]} for e in entries]
-    return client.post(device(pushkey, encode), headers=headers, json={"channels": items})
-
-
-def assert_error(response, errcode, status=400):
-    assert response.status_code == status, response.get_json()
-    body = response.get_json()
-    assert body["errcode"] == errcode, body
-    return body["error"]
 
 
 def stored_states():
@@ -69,11 +45,11 @@ def test_catalogue_is_empty_out_of_the_box(client, alice):
     assert client.get(CATALOGUE, headers=alice).get_json() == {"channels": []}
 
 
-def test_catalogue_needs_no_pusher_and_ignores_device_states(client, alice, user_token, register,
-                                                            catalogue):
+def test_catalogue_needs_no_pusher_and_ignores_device_states(api, client, alice, user_token,
+                                                             register, catalogue):
     bob = user_token("bob")
     register(alice)
-    assert change(client, alice, "pk1", ("a", "enabled")).status_code == 200
+    assert api.set_channels(alice, "pk1", ("a", "enabled")).status_code == 200
     expected = {"a": "disabled", "b": "enabled", "c": "disabled"}
     for headers in (alice, bob):
         listed = client.get(CATALOGUE, headers=headers).get_json()["channels"]
@@ -83,90 +59,90 @@ def test_catalogue_needs_no_pusher_and_ignores_device_states(client, alice, user
 # --- device states --------------------------------------------------------------------------
 
 
-def test_device_states_start_not_set(client, alice, register, catalogue):
+def test_device_states_start_not_set(api, alice, register, catalogue):
     register(alice)
-    assert states(client, alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "not_set"}
+    assert api.channels(alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "not_set"}
 
 
-def test_device_listing_follows_the_catalogue_order(client, alice, register, catalogue):
+def test_device_listing_follows_the_catalogue_order(api, client, alice, register, catalogue):
     register(alice)
-    response = client.get(device("pk1"), headers=alice)
+    response = client.get(api.paths.device("pk1"), headers=alice)
     assert [c["id"] for c in response.get_json()["channels"]] == ["a", "b", "c"]
 
 
-def test_states_set_with_name_and_value(client, alice, register, catalogue):
+def test_states_set_with_name_and_value(api, alice, register, catalogue):
     register(alice)
-    response = change(client, alice, "pk1", ("a", "enabled"), ("b", "disabled"))
+    response = api.set_channels(alice, "pk1", ("a", "enabled"), ("b", "disabled"))
     assert response.status_code == 200 and response.get_json() == {}
-    assert states(client, alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "not_set"}
+    assert api.channels(alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "not_set"}
 
 
-def test_states_set_with_id_and_status(client, alice, register, catalogue):
+def test_states_set_with_id_and_status(api, alice, register, catalogue):
     register(alice)
-    response = change(client, alice, "pk1", {"id": "a", "status": "enabled"},
+    response = api.set_channels(alice, "pk1", {"id": "a", "status": "enabled"},
                       {"id": "c", "status": "disabled"})
     assert response.status_code == 200
-    assert states(client, alice, "pk1") == {"a": "enabled", "b": "not_set", "c": "disabled"}
+    assert api.channels(alice, "pk1") == {"a": "enabled", "b": "not_set", "c": "disabled"}
 
 
-def test_channels_not_named_stay_as_they_are(client, alice, register, catalogue):
+def test_channels_not_named_stay_as_they_are(api, alice, register, catalogue):
     register(alice)
-    change(client, alice, "pk1", ("a", "enabled"), ("b", "disabled"))
-    assert change(client, alice, "pk1", ("c", "enabled")).status_code == 200
-    assert states(client, alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "enabled"}
-    assert change(client, alice, "pk1").status_code == 200  # an empty list changes nothing
-    assert states(client, alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "enabled"}
+    api.set_channels(alice, "pk1", ("a", "enabled"), ("b", "disabled"))
+    assert api.set_channels(alice, "pk1", ("c", "enabled")).status_code == 200
+    assert api.channels(alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "enabled"}
+    assert api.set_channels(alice, "pk1").status_code == 200  # an empty list changes nothing
+    assert api.channels(alice, "pk1") == {"a": "enabled", "b": "disabled", "c": "enabled"}
 
 
-def test_a_state_can_be_changed_again(client, alice, register, catalogue):
+def test_a_state_can_be_changed_again(api, alice, register, catalogue):
     register(alice)
-    change(client, alice, "pk1", ("a", "enabled"))
-    change(client, alice, "pk1", ("a", "disabled"))
-    assert states(client, alice, "pk1")["a"] == "disabled"
+    api.set_channels(alice, "pk1", ("a", "enabled"))
+    api.set_channels(alice, "pk1", ("a", "disabled"))
+    assert api.channels(alice, "pk1")["a"] == "disabled"
     assert len(stored_states()) == 1
 
 
-def test_not_set_clears_the_explicit_state(client, alice, register, catalogue):
+def test_not_set_clears_the_explicit_state(api, alice, register, catalogue):
     register(alice)
-    change(client, alice, "pk1", ("a", "enabled"), ("b", "disabled"))
-    assert change(client, alice, "pk1", ("a", "not_set"), ("c", "not_set")).status_code == 200
-    assert states(client, alice, "pk1") == {"a": "not_set", "b": "disabled", "c": "not_set"}
+    api.set_channels(alice, "pk1", ("a", "enabled"), ("b", "disabled"))
+    assert api.set_channels(alice, "pk1", ("a", "not_set"), ("c", "not_set")).status_code == 200
+    assert api.channels(alice, "pk1") == {"a": "not_set", "b": "disabled", "c": "not_set"}
     assert stored_states() == [("alice", "pk1", "b", "disabled")]
 
 
 @pytest.mark.parametrize("value", ["on", "ENABLED", "", "default"])
-def test_unknown_value_is_invalid_param_and_nothing_is_applied(client, alice, register, catalogue,
+def test_unknown_value_is_invalid_param_and_nothing_is_applied(api, alice, register, catalogue,
                                                                value):
     register(alice)
-    response = change(client, alice, "pk1", ("a", "enabled"), ("b", value))
-    assert_error(response, "M_INVALID_PARAM")
-    assert states(client, alice, "pk1")["a"] == "not_set"
+    response = api.set_channels(alice, "pk1", ("a", "enabled"), ("b", value))
+    assert_error(response, 400, "M_INVALID_PARAM")
+    assert api.channels(alice, "pk1")["a"] == "not_set"
 
 
-def test_unknown_channel_is_rejected_atomically(client, alice, register, catalogue):
+def test_unknown_channel_is_rejected_atomically(api, alice, register, catalogue):
     register(alice)
-    change(client, alice, "pk1", ("a", "disabled"), ("b", "enabled"))
-    response = change(client, alice, "pk1", ("a", "enabled"), ("b", "not_set"), ("c", "enabled"),
+    api.set_channels(alice, "pk1", ("a", "disabled"), ("b", "enabled"))
+    response = api.set_channels(alice, "pk1", ("a", "enabled"), ("b", "not_set"), ("c", "enabled"),
                       ("nope", "enabled"))
-    error = assert_error(response, "M_INVALID_PARAM")
+    error = assert_error(response, 400, "M_INVALID_PARAM")
     assert "nope" in error
-    assert states(client, alice, "pk1") == {"a": "disabled", "b": "enabled", "c": "not_set"}
+    assert api.channels(alice, "pk1") == {"a": "disabled", "b": "enabled", "c": "not_set"}
 
 
-def test_duplicate_channel_is_rejected_atomically(client, alice, register, catalogue):
+def test_duplicate_channel_is_rejected_atomically(api, alice, register, catalogue):
     register(alice)
-    change(client, alice, "pk1", ("c", "disabled"))
-    response = change(client, alice, "pk1", ("a", "enabled"), ("c", "not_set"), ("b", "disabled"),
+    api.set_channels(alice, "pk1", ("c", "disabled"))
+    response = api.set_channels(alice, "pk1", ("a", "enabled"), ("c", "not_set"), ("b", "disabled"),
                       ("a", "disabled"))
-    error = assert_error(response, "M_INVALID_PARAM")
+    error = assert_error(response, 400, "M_INVALID_PARAM")
     assert "a" in error
-    assert states(client, alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "disabled"}
+    assert api.channels(alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "disabled"}
 
 
-def test_duplicate_across_the_two_forms_is_rejected(client, alice, register, catalogue):
+def test_duplicate_across_the_two_forms_is_rejected(api, alice, register, catalogue):
     register(alice)
-    response = change(client, alice, "pk1", ("a", "enabled"), {"id": "a", "status": "enabled"})
-    assert_error(response, "M_INVALID_PARAM")
+    response = api.set_channels(alice, "pk1", ("a", "enabled"), {"id": "a", "status": "enabled"})
+    assert_error(response, 400, "M_INVALID_PARAM")
     assert stored_states() == []
 
 
@@ -177,17 +153,17 @@ def test_duplicate_across_the_two_forms_is_rejected(client, alice, register, cat
     ({"status": "enabled"}, "channels.0.name"),
     ({}, "channels.0.name, channels.0.value"),
 ])
-def test_incomplete_entry_is_missing_param(client, alice, register, catalogue, entry, missing):
+def test_incomplete_entry_is_missing_param(api, alice, register, catalogue, entry, missing):
     register(alice)
-    response = change(client, alice, "pk1", entry, ("b", "enabled"))
-    assert assert_error(response, "M_MISSING_PARAM") == f"Missing parameters: {missing}"
+    response = api.set_channels(alice, "pk1", entry, ("b", "enabled"))
+    assert assert_error(response, 400, "M_MISSING_PARAM") == f"Missing parameters: {missing}"
     assert stored_states() == []
 
 
-def test_body_without_channels_is_missing_param(client, alice, register, catalogue):
+def test_body_without_channels_is_missing_param(api, client, alice, register, catalogue):
     register(alice)
-    response = client.post(device("pk1"), headers=alice, json={"channel": []})
-    assert assert_error(response, "M_MISSING_PARAM") == "Missing parameters: channels"
+    response = client.post(api.paths.device("pk1"), headers=alice, json={"channel": []})
+    assert assert_error(response, 400, "M_MISSING_PARAM") == "Missing parameters: channels"
 
 
 @pytest.mark.parametrize("body", [
@@ -199,65 +175,65 @@ def test_body_without_channels_is_missing_param(client, alice, register, catalog
     {"channels": [{"name": None, "value": "enabled"}]},
     {"channels": [{"id": ["a"], "status": "enabled"}]},
 ])
-def test_wrong_shapes_are_bad_json(client, alice, register, catalogue, body):
+def test_wrong_shapes_are_bad_json(api, client, alice, register, catalogue, body):
     register(alice)
-    assert_error(client.post(device("pk1"), headers=alice, json=body), "M_BAD_JSON")
+    assert_error(client.post(api.paths.device("pk1"), headers=alice, json=body), 400, "M_BAD_JSON")
     assert stored_states() == []
 
 
-def test_unknown_keys_in_the_body_are_ignored(client, alice, register, catalogue):
+def test_unknown_keys_in_the_body_are_ignored(api, client, alice, register, catalogue):
     register(alice)
-    response = client.post(device("pk1"), headers=alice, json={
+    response = client.post(api.paths.device("pk1"), headers=alice, json={
         "channels": [{"name": "a", "value": "enabled", "comment": "x"}], "device": "phone"})
     assert response.status_code == 200
-    assert states(client, alice, "pk1")["a"] == "enabled"
+    assert api.channels(alice, "pk1")["a"] == "enabled"
 
 
 # --- what a device is -----------------------------------------------------------------------
 
 
-def test_state_is_shared_by_the_users_pushers_with_that_pushkey(client, alice, register,
+def test_state_is_shared_by_the_users_pushers_with_that_pushkey(api, client, alice, register,
                                                                catalogue):
     register(alice, "pk1", app_id="com.example.one")
     register(alice, "pk1", app_id="com.example.two")
-    change(client, alice, "pk1", ("a", "enabled"))
+    api.set_channels(alice, "pk1", ("a", "enabled"))
     assert stored_states() == [("alice", "pk1", "a", "enabled")]
     delete = {"kind": None, "app_id": "com.example.one", "pushkey": "pk1"}
     assert client.post("/push/v1/pushers/set", headers=alice, json=delete).status_code == 200
-    assert states(client, alice, "pk1")["a"] == "enabled"  # the other pusher still has it
+    assert api.channels(alice, "pk1")["a"] == "enabled"  # the other pusher still has it
 
 
-def test_state_goes_with_the_last_pusher_of_the_device(client, alice, register, catalogue):
+def test_state_goes_with_the_last_pusher_of_the_device(api, client, alice, register, catalogue):
     register(alice, "pk1", app_id="com.example.one")
     register(alice, "pk1", app_id="com.example.two")
     register(alice, "pk2")
-    change(client, alice, "pk1", ("a", "enabled"))
-    change(client, alice, "pk2", ("b", "disabled"))
+    api.set_channels(alice, "pk1", ("a", "enabled"))
+    api.set_channels(alice, "pk2", ("b", "disabled"))
     for app_id in ("com.example.one", "com.example.two"):
         client.post("/push/v1/pushers/set", headers=alice,
                     json={"kind": None, "app_id": app_id, "pushkey": "pk1"})
-    assert_error(client.get(device("pk1"), headers=alice), "M_NOT_FOUND", 404)
+    assert_error(client.get(api.paths.device("pk1"), headers=alice), 404, "M_NOT_FOUND")
     assert stored_states() == [("alice", "pk2", "b", "disabled")]
     register(alice, "pk1")
-    assert states(client, alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "not_set"}
+    assert api.channels(alice, "pk1") == {"a": "not_set", "b": "not_set", "c": "not_set"}
 
 
-def test_states_are_per_user_even_for_the_same_pushkey(client, alice, user_token, register,
+def test_states_are_per_user_even_for_the_same_pushkey(api, alice, user_token, register,
                                                       catalogue):
     bob = user_token("bob")
     register(alice, "pk1")
     register(bob, "pk1", append=True)
-    change(client, alice, "pk1", ("a", "enabled"))
-    change(client, bob, "pk1", ("a", "disabled"))
-    assert states(client, alice, "pk1")["a"] == "enabled"
-    assert states(client, bob, "pk1")["a"] == "disabled"
+    api.set_channels(alice, "pk1", ("a", "enabled"))
+    api.set_channels(bob, "pk1", ("a", "disabled"))
+    assert api.channels(alice, "pk1")["a"] == "enabled"
+    assert api.channels(bob, "pk1")["a"] == "disabled"
 
 
-def test_new_catalogue_channels_show_up_as_not_set(client, alice, register, channel, catalogue):
+def test_new_catalogue_channels_show_up_as_not_set(api, alice, register, channel, catalogue):
     register(alice)
-    change(client, alice, "pk1", ("a", "enabled"))
+    api.set_channels(alice, "pk1", ("a", "enabled"))
     channel("d", default="enabled")
-    assert states(client, alice, "pk1") == {"a": "enabled", "b": "not_set", "c": "not_set",
+    assert api.channels(alice, "pk1") == {"a": "enabled", "b": "not_set", "c": "not_set",
                                             "d": "not_set"}
 
 
@@ -272,42 +248,42 @@ def test_new_catalogue_channels_show_up_as_not_set(client, alice, register, chan
 @pytest.mark.parametrize("encode_set, encode_get", [(False, False), (True, True), (False, True),
                                                     (True, False)],
                          ids=["raw", "encoded", "raw-set-encoded-get", "encoded-set-raw-get"])
-def test_base64_pushkeys_work_raw_and_percent_encoded(client, alice, register, catalogue,
+def test_base64_pushkeys_work_raw_and_percent_encoded(api, alice, register, catalogue,
                                                       pushkey, encode_set, encode_get):
     register(alice, pushkey)
-    response = change(client, alice, pushkey, ("a", "enabled"), encode=encode_set)
+    response = api.set_channels(alice, pushkey, ("a", "enabled"), encode=encode_set)
     assert response.status_code == 200, response.get_json()
-    assert states(client, alice, pushkey, encode=encode_get) == {
+    assert api.channels(alice, pushkey, encode=encode_get) == {
         "a": "enabled", "b": "not_set", "c": "not_set"}
     assert stored_states() == [("alice", pushkey, "a", "enabled")]
 
 
-def test_percent_encoding_uses_the_expected_escapes(client, alice, register, catalogue):
+def test_percent_encoding_uses_the_expected_escapes(api, client, alice, register, catalogue):
     register(alice, "a/b+c=")
     response = client.get(f"{CATALOGUE}/a%2Fb%2Bc%3D", headers=alice)
     assert response.status_code == 200
     register(alice, "a%2Fb")  # a pushkey that itself holds a percent sign
-    change(client, alice, "a%2Fb", ("c", "enabled"), encode=True)
-    assert states(client, alice, "a%2Fb", encode=True)["c"] == "enabled"
-    assert states(client, alice, "a/b+c=")["c"] == "not_set"
+    api.set_channels(alice, "a%2Fb", ("c", "enabled"), encode=True)
+    assert api.channels(alice, "a%2Fb", encode=True)["c"] == "enabled"
+    assert api.channels(alice, "a/b+c=")["c"] == "not_set"
 
 
-def test_pushkey_of_another_user_is_404_and_leaks_nothing(client, alice, user_token, register,
+def test_pushkey_of_another_user_is_404_and_leaks_nothing(api, client, alice, user_token, register,
                                                           catalogue):
     bob = user_token("bob")
     register(bob, "bobs-phone")
-    change(client, bob, "bobs-phone", ("a", "enabled"))
-    response = client.get(device("bobs-phone"), headers=alice)
-    error = assert_error(response, "M_NOT_FOUND", 404)
+    api.set_channels(bob, "bobs-phone", ("a", "enabled"))
+    response = client.get(api.paths.device("bobs-phone"), headers=alice)
+    error = assert_error(response, 404, "M_NOT_FOUND")
     assert "channels" not in response.get_json() and "enabled" not in error
-    response = change(client, alice, "bobs-phone", ("a", "disabled"), ("b", "disabled"))
-    assert_error(response, "M_NOT_FOUND", 404)
+    response = api.set_channels(alice, "bobs-phone", ("a", "disabled"), ("b", "disabled"))
+    assert_error(response, 404, "M_NOT_FOUND")
     assert stored_states() == [("bob", "bobs-phone", "a", "enabled")]
-    assert states(client, bob, "bobs-phone")["a"] == "enabled"
+    assert api.channels(bob, "bobs-phone")["a"] == "enabled"
 
 
-def test_unregistered_pushkey_is_404(client, alice, register, catalogue):
+def test_unregistered_pushkey_is_404(api, client, alice, register, catalogue):
     register(alice, "pk1")
-    assert_error(client.get(device("pk2"), headers=alice), "M_NOT_FOUND", 404)
-    assert_error(change(client, alice, "pk2", ("a", "enabled")), "M_NOT_FOUND", 404)
+    assert_error(client.get(api.paths.device("pk2"), headers=alice), 404, "M_NOT_FOUND")
+    assert_error(api.set_channels(alice, "pk2", ("a", "enabled")), 404, "M_NOT_FOUND")
     assert stored_states() == []

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from contextlib import closing
 
-from conftest import Gateway
+from support import Gateway
 from servers import Gunicorn, call, cli, cli_token, delivery_stats, free_port, push_env, \
     wait_until
 

@@ -1,69 +1,21 @@
 """Sending (SPEC sections 2, 4, 5): sender API, sealing, gateway shapes, retries, history.
 
-Every delivery here goes over real HTTP to the loopback ``Gateway`` of conftest.py. The phone's
-side of the crypto is written again below from SPEC section 4, independent of crypto.py.
+Every delivery here goes over real HTTP to the loopback ``Gateway`` of support.py, and encrypted
+ones are opened with the phone's side of the crypto there, independent of crypto.py.
 """
 
-import base64
-import json
 import logging
-import struct
 import threading
 import time
-from datetime import datetime, timezone
 
 import pytest
-from conftest import ISS, drain, encryption, fetch
-from conftest import send_notification as send
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from support import ISS, Api, drain, encryption, fetch, phone_decrypt, phone_key, this_month
 
 import delivery
-from models import ChannelState, Delivery, EncryptionKey, Notification, Pusher, db
+from gateway import address_allowed
+from models import ChannelState, Delivery, EncryptionKey, Notification, Pusher, db, purge_history
 
 NOTIFY = "/_matrix/push/v1/notify"
-
-
-# --- the phone's side, from SPEC section 4 ---------------------------------------------------
-
-
-def months(start, end):
-    """Every "YYYY-MM" from start to end inclusive."""
-    year, month = map(int, start.split("-"))
-    out = []
-    while f"{year:04d}-{month:02d}" <= end:
-        out.append(f"{year:04d}-{month:02d}")
-        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    return out
-
-
-def phone_key(iss_hex, initial_period, period):
-    """The AES key a phone derives for ``period``, ratcheting from its iss."""
-    ikm = bytes.fromhex(iss_hex)
-    for month in months(initial_period, period):
-        okm = HKDF(hashes.SHA256(), 64, salt=None, info=month.encode()).derive(ikm)
-        ikm, key = okm[:32], okm[32:]
-    return key
-
-
-def phone_decrypt(iss_hex, initial_period, notification):
-    """What the app does with an encrypted notification: returns the payload object."""
-    assert len(notification["ciphertext"]) == 1404
-    raw = base64.b64decode(notification["ciphertext"])
-    key = phone_key(iss_hex, initial_period, notification["time_message_encrypted"])
-    block = AESGCM(key).decrypt(raw[:12], raw[12:], None)
-    assert len(block) == 1024 and block[:4] == b"PNM1"
-    (padding,) = struct.unpack(">H", block[4:6])
-    assert block[6:6 + padding] == b" " * padding
-    return json.loads(block[6 + padding:])
-
-
-def this_month(offset=0):
-    """The UTC month ``offset`` months from now, as "YYYY-MM"."""
-    today = datetime.now(timezone.utc)
-    index = today.year * 12 + today.month - 1 + offset
-    return f"{index // 12:04d}-{index % 12 + 1:02d}"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -105,11 +57,11 @@ def setup(alice, service, channel, register, gateway):
 
 
 def test_encrypted_notification_decrypts_on_the_phone_after_ratcheting(
-        app, client, setup, service, register, gateway, worker):
+        app, api, setup, service, register, gateway, worker):
     initial = this_month(-2)
     register(setup, "phone-1", url=gateway.url(),
              encryption=encryption("kid-1", ISS, initial))
-    response = send(client, service, payload={"task": "42", "text": "Grüße"}, prio="low",
+    response = api.send(service, payload={"task": "42", "text": "Grüße"}, prio="low",
                     counts={"unread": 3})
     assert response.status_code == 202
     created = response.get_json()
@@ -130,11 +82,11 @@ def test_encrypted_notification_decrypts_on_the_phone_after_ratcheting(
     assert isinstance(device["pushkey_ts"], int)
 
 
-def test_ratchet_stores_only_the_current_generation(app, client, setup, service, register,
+def test_ratchet_stores_only_the_current_generation(app, api, setup, service, register,
                                                      gateway, worker):
     initial = this_month(-2)
     register(setup, "phone-1", url=gateway.url(), encryption=encryption("kid-1", ISS, initial))
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     with app.app_context():
         db.connect(reuse_if_open=True)
@@ -149,35 +101,35 @@ def test_ratchet_stores_only_the_current_generation(app, client, setup, service,
     assert stored.aes_key not in raw and stored.secret not in raw
 
 
-def test_each_message_gets_a_fresh_nonce(app, client, setup, service, register, gateway,
+def test_each_message_gets_a_fresh_nonce(app, api, setup, service, register, gateway,
                                           worker):
     register(setup, "phone-1", url=gateway.url(), encryption=encryption())
-    send(client, service)
-    send(client, service)
+    api.send(service)
+    api.send(service)
     drain(app, worker)
     first, second = gateway.notifications()
     assert first["ciphertext"][:16] != second["ciphertext"][:16]
     assert phone_decrypt(ISS, "2024-11", first) == phone_decrypt(ISS, "2024-11", second)
 
 
-def test_generation_ahead_of_the_clock_is_used_as_is(app, client, setup, service, register,
+def test_generation_ahead_of_the_clock_is_used_as_is(app, api, setup, service, register,
                                                       gateway, worker):
     ahead = this_month(3)
     register(setup, "phone-1", url=gateway.url(), encryption=encryption("kid-1", ISS, ahead))
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     [note] = gateway.notifications()
     assert note["time_message_encrypted"] == ahead
     assert phone_decrypt(ISS, ahead, note) == {"task": "42"}
 
 
-def test_plain_notification_carries_content_and_device_data_without_url(
+def test_plain_notification_carries_content_and_device_data_without_url(api,
         app, client, setup, service, register, gateway, worker):
     client.post("/push/v1/pushers/set", headers=setup, json={
         "kind": "http", "app_id": "com.example.app", "pushkey": "phone-1",
         "app_display_name": "A", "device_display_name": "D", "lang": "en",
         "data": {"url": gateway.url(), "custom": "keep-me"}})
-    created = send(client, service, counts={"unread": 1}).get_json()
+    created = api.send(service, counts={"unread": 1}).get_json()
     drain(app, worker)
     [(path, body)] = gateway.requests
     assert path == NOTIFY
@@ -188,12 +140,12 @@ def test_plain_notification_carries_content_and_device_data_without_url(
     assert note["devices"][0]["data"] == {"custom": "keep-me"}
 
 
-def test_event_id_only_format_sends_no_content(app, client, setup, service, gateway, worker):
+def test_event_id_only_format_sends_no_content(api, app, client, setup, service, gateway, worker):
     client.post("/push/v1/pushers/set", headers=setup, json={
         "kind": "http", "app_id": "com.example.app", "pushkey": "phone-1",
         "app_display_name": "A", "device_display_name": "D", "lang": "en",
         "data": {"url": gateway.url("/push/v1/notify"), "format": "event_id_only"}})
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     [(path, body)] = gateway.requests
     assert path == "/push/v1/notify"
@@ -201,7 +153,7 @@ def test_event_id_only_format_sends_no_content(app, client, setup, service, gate
     assert body["notification"]["devices"][0]["data"] == {"format": "event_id_only"}
 
 
-def test_only_devices_that_want_the_channel_get_it(app, client, alice, service, channel,
+def test_only_devices_that_want_the_channel_get_it(api, app, client, alice, service, channel,
                                                     register, gateway, worker):
     channel("on-by-default", default="enabled")
     channel("off-by-default", default="disabled")
@@ -212,8 +164,8 @@ def test_only_devices_that_want_the_channel_get_it(app, client, alice, service, 
     client.post("/push/v1/channels/opted-out", headers=alice,
                 json={"channels": [{"name": "on-by-default", "value": "disabled"}]})
 
-    on = send(client, service, channel="on-by-default").get_json()
-    off = send(client, service, channel="off-by-default").get_json()
+    on = api.send(service, channel="on-by-default").get_json()
+    off = api.send(service, channel="off-by-default").get_json()
     assert on["deliveries"] == 2 and off["deliveries"] == 1
     drain(app, worker)
     got = {(n["type"], n["devices"][0]["pushkey"]) for n in gateway.notifications()}
@@ -221,33 +173,33 @@ def test_only_devices_that_want_the_channel_get_it(app, client, alice, service, 
                    ("off-by-default", "opted-in")}
 
 
-def test_sender_validation(client, alice, service, channel):
+def test_sender_validation(api, client, alice, service, channel):
     channel("erp.task", default="enabled")
-    assert send(client, service, channel="nope").get_json()["errcode"] == "M_INVALID_PARAM"
-    big = send(client, service, payload={"x": "a" * 1011})
+    assert api.send(service, channel="nope").get_json()["errcode"] == "M_INVALID_PARAM"
+    big = api.send(service, payload={"x": "a" * 1011})
     assert big.status_code == 413 and big.get_json()["errcode"] == "M_TOO_LARGE"
-    fits = send(client, service, payload={"x": "a" * 1010})  # exactly 1018 bytes of JSON
+    fits = api.send(service, payload={"x": "a" * 1010})  # exactly 1018 bytes of JSON
     assert fits.status_code == 202
-    unknown_user = send(client, service, user="nobody")
+    unknown_user = api.send(service, user="nobody")
     assert unknown_user.status_code == 202 and unknown_user.get_json()["deliveries"] == 0
-    assert send(client, alice).status_code == 403
-    assert send(client, service, prio="urgent").get_json()["errcode"] == "M_INVALID_PARAM"
-    assert send(client, service, counts={"unread": "1"}).get_json()["errcode"] == "M_BAD_JSON"
+    assert api.send(alice).status_code == 403
+    assert api.send(service, prio="urgent").get_json()["errcode"] == "M_INVALID_PARAM"
+    assert api.send(service, counts={"unread": "1"}).get_json()["errcode"] == "M_BAD_JSON"
     missing = client.post("/push/v1/notifications", json={"channel": "erp.task"},
                           headers=service).get_json()
     assert missing == {"errcode": "M_MISSING_PARAM",
                        "error": "Missing parameters: user_id, payload"}
 
 
-def test_identifier_makes_sending_idempotent_per_service(app, client, runner, setup, service,
+def test_identifier_makes_sending_idempotent_per_service(app, api, runner, setup, service,
                                                           register, gateway):
     register(setup, "phone-1", url=gateway.url())
-    first = send(client, service, identifier="evt-1").get_json()
-    again = send(client, service, identifier="evt-1", payload={"other": 1}).get_json()
+    first = api.send(service, identifier="evt-1").get_json()
+    again = api.send(service, identifier="evt-1", payload={"other": 1}).get_json()
     assert again == first
     other_service = {"Authorization": "Bearer " + runner.invoke(
         args=["services", "create", "billing"]).output.strip().splitlines()[-1]}
-    third = send(client, other_service, identifier="evt-1").get_json()
+    third = api.send(other_service, identifier="evt-1").get_json()
     assert third["notification_id"] != first["notification_id"]
     with app.app_context():
         db.connect(reuse_if_open=True)
@@ -258,10 +210,10 @@ def test_identifier_makes_sending_idempotent_per_service(app, client, runner, se
 # --- delivery outcomes -----------------------------------------------------------------------
 
 
-def test_503s_are_retried_and_delivered_exactly_once(app, client, setup, service, register,
+def test_503s_are_retried_and_delivered_exactly_once(app, api, setup, service, register,
                                                       gateway, worker):
     register(setup, "fail-3-phone", url=gateway.url())
-    created = send(client, service).get_json()
+    created = api.send(service).get_json()
     drain(app, worker)
     assert len(gateway.requests) == 4
     with app.app_context():
@@ -270,15 +222,11 @@ def test_503s_are_retried_and_delivered_exactly_once(app, client, setup, service
     assert row.state == "delivered" and row.attempts == 4
 
 
-def test_backoff_doubles_from_the_initial_delay_up_to_the_cap(make_app):
-    app = make_app(RETRY_INITIAL_SECONDS=1, RETRY_MAX_SECONDS=5)
-    w = delivery.Worker(app)
-    try:
-        assert [w.retry_delay(n, None) for n in range(1, 6)] == [1, 2, 4, 5, 5]
-        assert w.retry_delay(1, "3") == 3  # Retry-After is honoured, within the cap
-        assert w.retry_delay(1, "100") == 5
-    finally:
-        w.close()
+def test_backoff_doubles_from_the_initial_delay_up_to_the_cap():
+    config = {"RETRY_INITIAL_SECONDS": 1, "RETRY_MAX_SECONDS": 5}
+    assert [delivery.retry_delay(config, n, None) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+    assert delivery.retry_delay(config, 1, "3") == 3  # Retry-After is honoured, within the cap
+    assert delivery.retry_delay(config, 1, "100") == 5
 
 
 def test_retry_is_scheduled_in_the_future(make_app, alice, service, channel, register,
@@ -287,7 +235,7 @@ def test_retry_is_scheduled_in_the_future(make_app, alice, service, channel, reg
     channel("erp.task", default="enabled")
     register(alice, "fail-1-phone", url=gateway.url())
     client = app.test_client()
-    send(client, service)
+    Api(client).send(service)
     w = delivery.Worker(app)
     try:
         with app.app_context():
@@ -308,16 +256,16 @@ def test_delivery_gives_up_after_the_configured_time(make_app, alice, service, c
     app = make_app(RETRY_GIVE_UP_SECONDS=0)
     channel("erp.task", default="enabled")
     register(alice, "fail-5-phone", url=gateway.url())
-    send(app.test_client(), service)
+    Api(app.test_client()).send(service)
     [row] = deliver_all(app)
     assert row.state == "failed" and row.last_error.startswith("gave up")
     assert len(gateway.requests) == 1
 
 
-def test_other_4xx_fails_for_good_with_the_reason(app, client, setup, service, register,
+def test_other_4xx_fails_for_good_with_the_reason(app, api, setup, service, register,
                                                    gateway, worker):
     register(setup, "bad-phone", url=gateway.url())
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     drain(app, worker)
     assert len(gateway.requests) == 1
@@ -325,23 +273,23 @@ def test_other_4xx_fails_for_good_with_the_reason(app, client, setup, service, r
     assert row.state == "failed" and "400" in row.last_error and row.attempts == 1
 
 
-def test_redirects_are_not_followed(app, client, setup, service, register, gateway, worker):
+def test_redirects_are_not_followed(app, api, setup, service, register, gateway, worker):
     register(setup, "phone-1", url=gateway.url())
     gateway.status_override = 307
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     assert len(gateway.requests) == 1
     assert delivery_states() == ["failed"]
 
 
-def test_rejected_pushkey_removes_its_pusher_and_channel_states(
+def test_rejected_pushkey_removes_its_pusher_and_channel_states(api,
         app, client, setup, service, register, gateway, worker, caplog):
     register(setup, "reject-this-key", url=gateway.url())
     register(setup, "phone-ok", url=gateway.url())
     client.post("/push/v1/channels/reject-this-key", headers=setup,
                 json={"channels": [{"name": "erp.task", "value": "enabled"}]})
     caplog.set_level(logging.DEBUG)
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     keys = [p["pushkey"] for p in client.get("/push/v1/pushers", headers=setup).get_json()[
         "pushers"]]
@@ -359,7 +307,7 @@ def test_private_gateways_are_refused_unless_allowed(make_app, alice, service, c
     channel("erp.task", default="enabled")
     register(alice, "phone-1", url=gateway.url())
     register(alice, "phone-2", url=f"http://localhost:{gateway.port}{NOTIFY}")
-    send(app.test_client(), service)
+    Api(app.test_client()).send(service)
     rows = deliver_all(app)
     assert gateway.requests == []
     assert [r.state for r in rows] == ["failed", "failed"]
@@ -369,8 +317,8 @@ def test_private_gateways_are_refused_unless_allowed(make_app, alice, service, c
 def test_address_check_covers_private_ranges():
     for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
                     "224.0.0.1", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "0.0.0.0"):
-        assert not delivery.address_allowed(address), address
-    assert delivery.address_allowed("8.8.8.8") and delivery.address_allowed("2606:4700::1")
+        assert not address_allowed(address), address
+    assert address_allowed("8.8.8.8") and address_allowed("2606:4700::1")
 
 
 def test_gateway_url_rules_are_checked_again_at_send_time(make_app, alice, service, channel,
@@ -378,15 +326,15 @@ def test_gateway_url_rules_are_checked_again_at_send_time(make_app, alice, servi
     channel("erp.task", default="enabled")
     register(alice, "phone-1", url=gateway.url())  # http allowed at registration
     app = make_app(ALLOW_HTTP_GATEWAYS=False)  # then the operator turns it off
-    send(app.test_client(), service)
+    Api(app.test_client()).send(service)
     [row] = deliver_all(app)
     assert gateway.requests == [] and row.state == "failed" and "https" in row.last_error
 
 
-def test_delivery_to_a_removed_pusher_fails_without_sending(app, client, setup, service,
+def test_delivery_to_a_removed_pusher_fails_without_sending(api, app, client, setup, service,
                                                              register, gateway, worker):
     register(setup, "phone-1", url=gateway.url())
-    send(client, service)
+    api.send(service)
     client.post("/push/v1/pushers/set", headers=setup,
                 json={"kind": None, "app_id": "com.example.app", "pushkey": "phone-1"})
     drain(app, worker)
@@ -397,7 +345,7 @@ def test_delivery_to_a_removed_pusher_fails_without_sending(app, client, setup, 
 # --- batch gateways --------------------------------------------------------------------------
 
 
-def test_batch_gateways_get_up_to_100_per_request(app, client, setup, service,
+def test_batch_gateways_get_up_to_100_per_request(app, api, setup, service,
                                                   register, gateway, worker):
     base = gateway.url("/push/v1/")
     app.config["MAX_PUSHERS_PER_USER"] = 500
@@ -405,7 +353,7 @@ def test_batch_gateways_get_up_to_100_per_request(app, client, setup, service,
         register(setup, f"enc-{i:03d}", url=base, encryption=encryption(f"kid-{i}"))
     for i in range(3):
         register(setup, f"plain-{i}", url=base)
-    created = send(client, service).get_json()
+    created = api.send(service).get_json()
     assert created["deliveries"] == 123
     drain(app, worker)
 
@@ -427,13 +375,13 @@ def test_batch_gateways_get_up_to_100_per_request(app, client, setup, service,
     assert set(delivery_states()) == {"delivered"}
 
 
-def test_batch_item_results_are_honoured(app, client, setup, service, register, gateway,
+def test_batch_item_results_are_honoured(app, api, setup, service, register, gateway,
                                          worker):
     base = gateway.url("/push/v1/")
     register(setup, "ok-phone", url=base)
     register(setup, "reject-phone", url=base)
     register(setup, "bad-phone", url=base)
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     assert len(gateway.requests) == 1
     with app.app_context():
@@ -445,9 +393,9 @@ def test_batch_item_results_are_honoured(app, client, setup, service, register, 
     assert remaining == {"ok-phone", "bad-phone"}
 
 
-def test_batch_503_is_retried(app, client, setup, service, register, gateway, worker):
+def test_batch_503_is_retried(app, api, setup, service, register, gateway, worker):
     register(setup, "fail-2-phone", url=gateway.url("/push/v1/"))
-    send(client, service)
+    api.send(service)
     drain(app, worker)
     assert len(gateway.requests) == 3
     assert delivery_states() == ["delivered"]
@@ -470,7 +418,7 @@ def test_one_notification_fans_out_to_1000_devices_each_with_its_own_key(
                 "data": {"url": gateway.url()},
                 "encryption": encryption(f"kid-{i}", iss, this_month(-1))}
         assert client.post("/push/v1/pushers/set", json=body, headers=alice).status_code == 200
-    created = send(client, service, payload={"fan": "out"}).get_json()
+    created = Api(client).send(service, payload={"fan": "out"}).get_json()
     assert created["deliveries"] == 1000
     deliver_all(app)
     notes = gateway.notifications()
@@ -484,12 +432,12 @@ def test_one_notification_fans_out_to_1000_devices_each_with_its_own_key(
     assert len(seen) == 1000
 
 
-def test_concurrent_workers_never_claim_the_same_delivery(app, client, setup, service,
+def test_concurrent_workers_never_claim_the_same_delivery(app, api, setup, service,
                                                            register, gateway):
     for i in range(40):
         register(setup, f"phone-{i}", url=gateway.url())
     for _ in range(10):
-        send(client, service)
+        api.send(service)
     app.config["WORKER_CLAIM"] = 7
     workers = [delivery.Worker(app) for _ in range(4)]
     claimed = [[] for _ in workers]
@@ -515,9 +463,9 @@ def test_concurrent_workers_never_claim_the_same_delivery(app, client, setup, se
     assert len(everything) == 400 and len(set(everything)) == 400
 
 
-def test_a_lapsed_lease_is_claimed_again(app, client, setup, service, register, gateway):
+def test_a_lapsed_lease_is_claimed_again(app, api, setup, service, register, gateway):
     register(setup, "phone-1", url=gateway.url())
-    send(client, service)
+    api.send(service)
     app.config["DELIVERY_LEASE_SECONDS"] = -1  # a worker that died holding it
     dead, alive = delivery.Worker(app), delivery.Worker(app)
     try:
@@ -539,7 +487,7 @@ def test_embedded_worker_delivers_without_help(make_app, alice, service, channel
     try:
         channel("erp.task", default="enabled")
         register(alice, "phone-1", url=gateway.url())
-        assert send(app.test_client(), service).status_code == 202
+        assert Api(app.test_client()).send(service).status_code == 202
         deadline = time.time() + 20
         while not gateway.requests and time.time() < deadline:
             time.sleep(0.05)
@@ -551,15 +499,15 @@ def test_embedded_worker_delivers_without_help(make_app, alice, service, channel
 # --- history ---------------------------------------------------------------------------------
 
 
-def test_history_is_visible_only_to_its_user(app, client, user_token, setup, service,
+def test_history_is_visible_only_to_its_user(api, app, client, user_token, setup, service,
                                              register, gateway):
     bob = user_token("bob")
     register(setup, "alice-phone", url=gateway.url())
     register(bob, "bob-phone", url=gateway.url())
-    first = send(client, service, payload={"n": 1}).get_json()["notification_id"]
+    first = api.send(service, payload={"n": 1}).get_json()["notification_id"]
     time.sleep(0.01)
-    second = send(client, service, payload={"n": 2}).get_json()["notification_id"]
-    for_bob = send(client, service, user="bob", payload={"n": 3}).get_json()["notification_id"]
+    second = api.send(service, payload={"n": 2}).get_json()["notification_id"]
+    for_bob = api.send(service, user="bob", payload={"n": 3}).get_json()["notification_id"]
 
     assert client.get(f"/push/v1/history/{first}", headers=setup).get_json() == {
         "identifier": first, "payload": {"n": 1}}
@@ -575,35 +523,35 @@ def test_history_is_visible_only_to_its_user(app, client, user_token, setup, ser
         "messages"] == [{"identifier": for_bob, "payload": {"n": 3}}]
 
 
-def test_device_history_takes_pushkeys_with_slashes(client, setup, service, register,
+def test_device_history_takes_pushkeys_with_slashes(api, client, setup, service, register,
                                                     gateway):
     register(setup, "a/b+c=", url=gateway.url())
-    created = send(client, service).get_json()["notification_id"]
+    created = api.send(service).get_json()["notification_id"]
     for path in ("a/b+c=", "a%2Fb%2Bc%3D"):
         got = client.get(f"/push/v1/history/device/{path}", headers=setup).get_json()
         assert [m["identifier"] for m in got["messages"]] == [created]
 
 
-def test_old_notifications_are_purged(app, client, setup, service, register, gateway, worker):
+def test_old_notifications_are_purged(api, app, client, setup, service, register, gateway, worker):
     register(setup, "phone-1", url=gateway.url())
-    old = send(client, service).get_json()["notification_id"]
-    new = send(client, service).get_json()["notification_id"]
+    old = api.send(service).get_json()["notification_id"]
+    new = api.send(service).get_json()["notification_id"]
     drain(app, worker)
     with app.app_context():
         db.connect(reuse_if_open=True)
         Notification.update(created_at=time.time() - 31 * 86400).where(
             Notification.id == old).execute()
-        assert worker.purge_history() == 1
+        assert purge_history(app.config["HISTORY_DAYS"]) == 1
     assert client.get(f"/push/v1/history/{old}", headers=setup).status_code == 404
     assert client.get(f"/push/v1/history/{new}", headers=setup).status_code == 200
 
 
-def test_deliveries_command_reports_counts(app, client, runner, setup, service, register,
+def test_deliveries_command_reports_counts(app, api, runner, setup, service, register,
                                            gateway, worker):
     register(setup, "phone-1", url=gateway.url())
     register(setup, "bad-phone", url=gateway.url())
-    send(client, service)
-    send(client, service, user="alice")
+    api.send(service)
+    api.send(service, user="alice")
     out = runner.invoke(args=["deliveries"]).output
     assert "pending\t4" in out
     drain(app, worker)
@@ -619,7 +567,7 @@ def test_a_key_that_no_longer_opens_fails_alone(make_app, alice, service, channe
     channel("erp.task", default="enabled")
     register(alice, "phone-enc", url=gateway.url(), encryption=encryption())
     register(alice, "phone-plain", url=gateway.url())
-    send(make_app().test_client(), service)
+    Api(make_app().test_client()).send(service)
     app = make_app(SERVER_KEY="22" * 32)  # the operator lost or changed the server key
     rows = {row.pushkey: row for row in deliver_all(app)}
     assert rows["phone-plain"].state == "delivered"
@@ -627,10 +575,10 @@ def test_a_key_that_no_longer_opens_fails_alone(make_app, alice, service, channe
     assert [n["devices"][0]["pushkey"] for n in gateway.notifications()] == ["phone-plain"]
 
 
-def test_a_corrupt_row_fails_alone(app, client, setup, service, register, gateway):
+def test_a_corrupt_row_fails_alone(app, api, setup, service, register, gateway):
     register(setup, "phone-broken", url=gateway.url())
     register(setup, "phone-ok", url=gateway.url())
-    send(client, service)
+    api.send(service)
     with app.app_context(), db.connection_context():
         Pusher.update(data="{not json").where(Pusher.pushkey == "phone-broken").execute()
     rows = {row.pushkey: row for row in deliver_all(app)}
@@ -639,15 +587,15 @@ def test_a_corrupt_row_fails_alone(app, client, setup, service, register, gatewa
     assert "could not build" in rows["phone-broken"].last_error
 
 
-def test_deeply_nested_payloads_are_refused(client, setup, service):
+def test_deeply_nested_payloads_are_refused(api, setup, service):
     def nested(depth):
         value = 1
         for _ in range(depth):
             value = {"a": value}
         return value
 
-    assert send(client, service, payload=nested(32)).status_code == 202
-    deep = send(client, service, payload=nested(33))
+    assert api.send(service, payload=nested(32)).status_code == 202
+    deep = api.send(service, payload=nested(33))
     assert deep.status_code == 400 and deep.get_json()["errcode"] == "M_INVALID_PARAM"
 
 
@@ -656,7 +604,7 @@ def test_a_round_hands_back_what_its_lease_might_not_cover(make_app, alice, serv
     channel("erp.task", default="enabled")
     register(alice, "phone-1", url=gateway.url())
     app = make_app()
-    send(app.test_client(), service)
+    Api(app.test_client()).send(service)
     # As if the round had already spent its lease on slow gateways: less is left of it than
     # one request may take.
     app.config.update(DELIVERY_LEASE_SECONDS=10, GATEWAY_CONNECT_TIMEOUT=5,

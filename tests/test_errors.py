@@ -4,22 +4,11 @@ import json
 import logging
 
 import pytest
-from conftest import pusher_body
+from support import assert_error, pusher_body
 
 from models import Pusher
 
 SET = "/push/v1/pushers/set"
-
-
-def assert_error(response, status, errcode):
-    """The response is a JSON error body with this status and errcode, never HTML."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert body["errcode"] == errcode, body
-    assert isinstance(body["error"], str) and body["error"]
-    assert b"<html" not in response.get_data().lower()
-    return body
 
 
 @pytest.mark.parametrize("raw", [
@@ -118,8 +107,8 @@ def test_unexpected_exception_in_a_route_is_500_unknown_without_traceback(make_a
     app.add_url_rule("/explode", "explode", explode)
     with caplog.at_level(logging.ERROR):
         response = app.test_client().get("/explode")
-    body = assert_error(response, 500, "M_UNKNOWN")
-    assert set(body) == {"errcode", "error"}
+    assert_error(response, 500, "M_UNKNOWN")
+    assert set(response.get_json()) == {"errcode", "error"}
     text = response.get_data(as_text=True)
     assert "Traceback" not in text and "secret internals" not in text
     assert "Traceback" in caplog.text and "RuntimeError: secret internals 1234" in caplog.text
@@ -192,3 +181,15 @@ def test_every_error_response_is_json_with_errcode_and_error(client, alice, serv
         body = response.get_json()
         assert isinstance(body["errcode"], str) and body["errcode"].startswith("M_")
         assert isinstance(body["error"], str) and body["error"]
+
+
+def test_openapi_declares_bearer_auth_once_and_its_errors_on_every_operation(client):
+    spec = client.get("/openapi.json").get_json()
+    assert spec["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method == "parameters":
+                continue
+            assert "security" not in operation, (path, method)
+            assert {"401", "403", "429"} <= set(operation["responses"]), (path, method)

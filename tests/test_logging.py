@@ -3,7 +3,7 @@
 import logging
 
 from app import RedactPushkeys
-from delivery import redact
+from gateway import redact
 
 
 def access_record(line):

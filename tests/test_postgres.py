@@ -8,158 +8,16 @@ psycopg2 the module is skipped. initdb refuses to run as root, so as root the se
 the ``postgres`` system user (``runuser``).
 """
 
-import glob
-import itertools
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
 
-import pytest
-from conftest import ISS, cli_token, drain, encryption, pusher_body
-from conftest import send_notification as send
-from servers import free_port
-from test_delivery import phone_decrypt, this_month
+from support import ISS, Api, cli_token, drain, encryption, phone_decrypt, pusher_body, this_month
 
 import delivery
-from models import ChannelState, Delivery, EncryptionKey, Notification, Pusher, db
-
-psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is not installed (psycopg2-binary)")
+from models import ChannelState, Delivery, EncryptionKey, Notification, Pusher, db, purge_history
 
 NOTIFY = "/_matrix/push/v1/notify"
-
-
-# --- the throwaway cluster -------------------------------------------------------------------
-
-
-def server_binaries():
-    """The folder holding both initdb and pg_ctl: PATH first, then the newest Debian layout."""
-    candidates = []
-    on_path = shutil.which("initdb")
-    if on_path:
-        candidates.append(os.path.dirname(os.path.realpath(on_path)))
-        candidates.append(os.path.dirname(on_path))
-
-    def version(path):
-        name = path.split(os.sep)[-2]
-        return tuple(int(p) for p in name.split(".") if p.isdigit())
-
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
-    for folder in candidates:
-        if all(os.access(os.path.join(folder, name), os.X_OK) for name in ("initdb", "pg_ctl")):
-            return folder
-    return None
-
-
-class Cluster:
-    """initdb, pg_ctl start/stop, as the postgres user when we are root."""
-
-    def __init__(self, bindir):
-        self.bindir = bindir
-        self.prefix = []
-        self.base = tempfile.mkdtemp(prefix="push-pg-")
-        if os.geteuid() == 0:
-            try:
-                account = pwd.getpwnam("postgres")
-            except KeyError:
-                shutil.rmtree(self.base)
-                pytest.skip("running as root and there is no 'postgres' user to run initdb as")
-            runuser = shutil.which("runuser")
-            if runuser is None:
-                shutil.rmtree(self.base)
-                pytest.skip("running as root and 'runuser' is missing (initdb refuses root)")
-            os.chown(self.base, account.pw_uid, account.pw_gid)
-            self.prefix = [runuser, "-u", "postgres", "--"]
-        os.chmod(self.base, 0o700)
-        self.data = os.path.join(self.base, "data")
-        self.log = os.path.join(self.base, "server.log")
-        self.port = None
-        self.started = False
-
-    def run(self, *args, timeout=120):
-        command = self.prefix + [os.path.join(self.bindir, args[0]), *args[1:]]
-        return subprocess.run(command, cwd=self.base, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def start(self):
-        done = self.run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust",
-                        "--encoding=UTF8", "--locale=C", "--no-sync")
-        if done.returncode != 0:
-            raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
-        for _ in range(5):  # a free port can be taken between our probe and the server's bind
-            self.port = free_port()
-            options = (f"-h 127.0.0.1 -p {self.port} -k {self.base} -F "
-                       "-c max_connections=50 -c full_page_writes=off")
-            done = self.run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60",
-                            "-o", options, "start")
-            if done.returncode == 0:
-                self.started = True
-                return
-        with open(self.log, errors="replace") as f:
-            raise RuntimeError(f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{f.read()}")
-
-    def stop(self):
-        try:
-            if self.started:
-                self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop", timeout=60)
-        finally:
-            shutil.rmtree(self.base, ignore_errors=True)
-
-    def url(self, database):
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self, name):
-        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
-                                      dbname="postgres")
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
-        return self.url(name)
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    bindir = server_binaries()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb and pg_ctl not on PATH "
-                    "nor under /usr/lib/postgresql/*/bin)")
-    cluster = Cluster(bindir)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        close_db()
-        cluster.stop()
-
-
-_numbers = itertools.count(1)
-
-
-@pytest.fixture
-def pg_url(postgres):
-    """A fresh, empty database for this test."""
-    return postgres.create_database(f"push_test_{next(_numbers)}")
-
-
-@pytest.fixture
-def pg_app(make_app, pg_url):
-    """The app on this test's PostgreSQL database (tables made by create_app)."""
-    app = make_app(DATABASE_URL=pg_url)
-    assert type(db.obj).__name__ == "PostgresqlDatabase"
-    yield app
-    close_db()
-
-
-def close_db():
-    if db.obj is not None and not db.is_closed():
-        db.close()
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -179,29 +37,6 @@ def add_channel(app, channel_id, default):
     result = app.test_cli_runner().invoke(
         args=["channels", "add", channel_id, "--default", default])
     assert result.exit_code == 0, result.output
-
-
-def set_pusher(client, headers, body):
-    response = client.post("/push/v1/pushers/set", json=body, headers=headers)
-    assert response.status_code == 200, response.get_json()
-
-
-def pushkeys(client, headers):
-    response = client.get("/push/v1/pushers", headers=headers)
-    assert response.status_code == 200
-    return [p["pushkey"] for p in response.get_json()["pushers"]]
-
-
-def device_channels(client, headers, pushkey):
-    response = client.get(f"/push/v1/channels/{pushkey}", headers=headers)
-    assert response.status_code == 200, response.get_json()
-    return {c["id"]: c["status"] for c in response.get_json()["channels"]}
-
-
-def set_channels(client, headers, pushkey, **values):
-    body = {"channels": [{"name": k.replace("_", "."), "value": v} for k, v in values.items()]}
-    response = client.post(f"/push/v1/channels/{pushkey}", json=body, headers=headers)
-    assert response.status_code == 200, response.get_json()
 
 
 def in_db(app, query):
@@ -281,14 +116,15 @@ def test_times_are_stored_exactly(pg_app):
 
 def test_client_api(pg_app):
     app, client = pg_app, pg_app.test_client()
+    api = Api(client)
     auth = tokens(app, "alice", "bob")
     alice, bob = auth["alice"], auth["bob"]
     add_channel(app, "erp.task", "enabled")
     add_channel(app, "erp.news", "disabled")
 
     # register: plain and encrypted (a pushkey with / + =, as base64 ones have)
-    set_pusher(client, alice, pusher_body("pk-plain", profile_tag="tag-1"))
-    set_pusher(client, alice, pusher_body("a/b+c=", encryption=encryption("kid-1")))
+    api.register(alice, "pk-plain", profile_tag="tag-1")
+    api.register(alice, "a/b+c=", encryption=encryption("kid-1"))
     listed = client.get("/push/v1/pushers", headers=alice).get_json()["pushers"]
     assert [p["pushkey"] for p in listed] == ["pk-plain", "a/b+c="]
     assert listed[0]["profile_tag"] == "tag-1" and "encryption" not in listed[0]
@@ -296,7 +132,7 @@ def test_client_api(pg_app):
     assert isinstance(listed[0]["pushkey_ts"], int)
     assert listed[1]["encryption"] == {"method": "aes-hmac-sha256", "key_identifier": "kid-1"}
     assert ISS not in str(listed)
-    assert pushkeys(client, bob) == []
+    assert api.pushkeys(bob) == []
 
     # the stored key generation is bytea on PostgreSQL; it opens with the server key
     key = in_db(app, lambda: EncryptionKey.get(EncryptionKey.key_identifier == "kid-1"))
@@ -313,27 +149,29 @@ def test_client_api(pg_app):
     catalogue = client.get("/push/v1/channels", headers=alice).get_json()["channels"]
     assert catalogue == [{"id": "erp.news", "status": "disabled"},
                          {"id": "erp.task", "status": "enabled"}]
-    assert device_channels(client, alice, "pk-plain") == {"erp.news": "not_set",
+    assert api.channels(alice, "pk-plain") == {"erp.news": "not_set",
                                                           "erp.task": "not_set"}
-    set_channels(client, alice, "pk-plain", erp_news="enabled", erp_task="disabled")
-    assert device_channels(client, alice, "pk-plain") == {"erp.news": "enabled",
+    assert api.set_channels(alice, "pk-plain", ("erp.news", "enabled"),
+                            ("erp.task", "disabled")).status_code == 200
+    assert api.channels(alice, "pk-plain") == {"erp.news": "enabled",
                                                           "erp.task": "disabled"}
-    set_channels(client, alice, "pk-plain", erp_news="disabled")  # ON CONFLICT DO UPDATE
-    set_channels(client, alice, "pk-plain", erp_task="not_set")
-    assert device_channels(client, alice, "pk-plain") == {"erp.news": "disabled",
+    # ON CONFLICT DO UPDATE
+    assert api.set_channels(alice, "pk-plain", ("erp.news", "disabled")).status_code == 200
+    assert api.set_channels(alice, "pk-plain", ("erp.task", "not_set")).status_code == 200
+    assert api.channels(alice, "pk-plain") == {"erp.news": "disabled",
                                                           "erp.task": "not_set"}
-    set_channels(client, alice, "a%2Fb%2Bc%3D", erp_task="enabled")
-    assert device_channels(client, alice, "a/b+c=")["erp.task"] == "enabled"
+    assert api.set_channels(alice, "a%2Fb%2Bc%3D", ("erp.task", "enabled")).status_code == 200
+    assert api.channels(alice, "a/b+c=")["erp.task"] == "enabled"
     unknown = client.post("/push/v1/channels/pk-plain", headers=alice,
                           json={"channels": [{"name": "erp.task", "value": "enabled"},
                                              {"name": "nope", "value": "enabled"}]})
     assert unknown.status_code == 400
-    assert device_channels(client, alice, "pk-plain")["erp.task"] == "not_set"  # all or nothing
+    assert api.channels(alice, "pk-plain")["erp.task"] == "not_set"  # all or nothing
     assert client.get("/push/v1/channels/pk-plain", headers=bob).status_code == 404
 
     # upsert: same (app_id, pushkey) updates in place; dropping encryption drops the key
-    set_pusher(client, alice, pusher_body("pk-plain", device_display_name="Renamed"))
-    set_pusher(client, alice, pusher_body("a/b+c="))
+    api.register(alice, "pk-plain", device_display_name="Renamed")
+    api.register(alice, "a/b+c=")
     listed = client.get("/push/v1/pushers", headers=alice).get_json()["pushers"]
     assert [(p["pushkey"], p["device_display_name"]) for p in listed] == [
         ("pk-plain", "Renamed"), ("a/b+c=", "Phone")]
@@ -342,30 +180,29 @@ def test_client_api(pg_app):
 
     # append false (the default) takes the pushkey away from other users, with their states;
     # append true leaves them alone
-    set_pusher(client, bob, pusher_body("shared", encryption=encryption("kid-bob")))
-    set_channels(client, bob, "shared", erp_news="enabled")
-    set_pusher(client, alice, pusher_body("shared", append=True))
-    assert pushkeys(client, bob) == ["shared"]
-    assert device_channels(client, bob, "shared")["erp.news"] == "enabled"
-    set_pusher(client, alice, pusher_body("shared", append=False))
-    assert pushkeys(client, bob) == []
-    assert pushkeys(client, alice) == ["pk-plain", "a/b+c=", "shared"]
+    api.register(bob, "shared", encryption=encryption("kid-bob"))
+    assert api.set_channels(bob, "shared", ("erp.news", "enabled")).status_code == 200
+    api.register(alice, "shared", append=True)
+    assert api.pushkeys(bob) == ["shared"]
+    assert api.channels(bob, "shared")["erp.news"] == "enabled"
+    api.register(alice, "shared", append=False)
+    assert api.pushkeys(bob) == []
+    assert api.pushkeys(alice) == ["pk-plain", "a/b+c=", "shared"]
     assert in_db(app, lambda: ChannelState.select().where(
         ChannelState.pushkey == "shared").count()) == 0
     assert in_db(app, lambda: EncryptionKey.select().count()) == 0
 
     # kind null deletes; the device's channel states go with its last pusher
-    set_pusher(client, alice, pusher_body("pk-plain", app_id="com.example.other"))
-    set_pusher(client, alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk-plain"})
-    assert device_channels(client, alice, "pk-plain")["erp.news"] == "disabled"  # one left
-    set_pusher(client, alice, {"kind": None, "app_id": "com.example.other",
-                               "pushkey": "pk-plain"})
-    assert pushkeys(client, alice) == ["a/b+c=", "shared"]
+    api.register(alice, "pk-plain", app_id="com.example.other")
+    api.unregister(alice, "pk-plain", app_id="com.example.app")
+    assert api.channels(alice, "pk-plain")["erp.news"] == "disabled"  # one left
+    api.unregister(alice, "pk-plain", app_id="com.example.other")
+    assert api.pushkeys(alice) == ["a/b+c=", "shared"]
     assert client.get("/push/v1/channels/pk-plain", headers=alice).status_code == 404
     assert in_db(app, lambda: ChannelState.select().where(
         ChannelState.pushkey == "pk-plain").count()) == 0
     # deleting what is not there is fine
-    set_pusher(client, alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk-plain"})
+    api.unregister(alice, "pk-plain", app_id="com.example.app")
 
     # the operator deletes a user with everything of theirs
     result = app.test_cli_runner().invoke(args=["users", "delete", "alice"])
@@ -380,6 +217,7 @@ def test_client_api(pg_app):
 
 def test_sending_and_delivery(pg_app, gateway):
     app, client = pg_app, pg_app.test_client()
+    api = Api(client)
     auth = tokens(app, "alice", services=("erp", "crm"))
     alice, erp, crm = auth["alice"], auth["erp"], auth["crm"]
     add_channel(app, "erp.task", "enabled")
@@ -387,29 +225,30 @@ def test_sending_and_delivery(pg_app, gateway):
     answered = recording(gateway)
 
     initial = this_month(-2)  # the worker ratchets two months and stores the new generation
-    set_pusher(client, alice, pusher_body("phone-plain", url=gateway.url()))
-    set_pusher(client, alice, pusher_body("phone-enc", url=gateway.url(),
-                                          encryption=encryption("kid-1", ISS, initial)))
-    set_pusher(client, alice, pusher_body("fail-2-phone", url=gateway.url()))
-    set_pusher(client, alice, pusher_body("reject-phone", url=gateway.url()))
-    set_pusher(client, alice, pusher_body("batch-enc", url=gateway.url("/push/v1/"),
-                                          encryption=encryption("kid-2", ISS, initial)))
-    set_pusher(client, alice, pusher_body("batch-plain", url=gateway.url("/push/v1/")))
-    set_pusher(client, alice, pusher_body("muted", url=gateway.url()))
-    set_channels(client, alice, "reject-phone", erp_task="enabled", erp_news="enabled")
-    set_channels(client, alice, "muted", erp_task="disabled")
+    api.register(alice, "phone-plain", url=gateway.url())
+    api.register(alice, "phone-enc", url=gateway.url(),
+                                          encryption=encryption("kid-1", ISS, initial))
+    api.register(alice, "fail-2-phone", url=gateway.url())
+    api.register(alice, "reject-phone", url=gateway.url())
+    api.register(alice, "batch-enc", url=gateway.url("/push/v1/"),
+                                          encryption=encryption("kid-2", ISS, initial))
+    api.register(alice, "batch-plain", url=gateway.url("/push/v1/"))
+    api.register(alice, "muted", url=gateway.url())
+    assert api.set_channels(alice, "reject-phone", ("erp.task", "enabled"),
+                            ("erp.news", "enabled")).status_code == 200
+    assert api.set_channels(alice, "muted", ("erp.task", "disabled")).status_code == 200
     receivers = {"phone-plain", "phone-enc", "fail-2-phone", "reject-phone", "batch-enc",
                  "batch-plain"}
 
     # an identifier makes a send idempotent (per service)
-    first = send(client, erp, identifier="task-1", payload={"task": "1", "text": "Grüße"})
-    again = send(client, erp, identifier="task-1", payload={"task": "1", "text": "Grüße"})
+    first = api.send(erp, identifier="task-1", payload={"task": "1", "text": "Grüße"})
+    again = api.send(erp, identifier="task-1", payload={"task": "1", "text": "Grüße"})
     assert first.status_code == again.status_code == 202
     assert first.get_json() == again.get_json()
     assert first.get_json()["deliveries"] == len(receivers)
-    other = send(client, crm, identifier="task-1", payload={"task": "2"}).get_json()
-    plain = send(client, erp, payload={"task": "3"}, prio="low", counts={"unread": 2}).get_json()
-    nobody = send(client, erp, user="nobody").get_json()
+    other = api.send(crm, identifier="task-1", payload={"task": "2"}).get_json()
+    plain = api.send(erp, payload={"task": "3"}, prio="low", counts={"unread": 2}).get_json()
+    nobody = api.send(erp, user="nobody").get_json()
     assert nobody["deliveries"] == 0
     ids = [first.get_json()["notification_id"], other["notification_id"],
            plain["notification_id"]]
@@ -439,7 +278,7 @@ def test_sending_and_delivery(pg_app, gateway):
     assert not any(pk == "muted" for _, pk in accepted(answered))
 
     # the rejected pushkey lost its pusher and its channel states; the rest stay
-    assert set(pushkeys(client, alice)) == receivers - {"reject-phone"} | {"muted"}
+    assert set(api.pushkeys(alice)) == receivers - {"reject-phone"} | {"muted"}
     assert in_db(app, lambda: ChannelState.select().where(
         ChannelState.pushkey == "reject-phone").count()) == 0
 
@@ -470,11 +309,7 @@ def test_sending_and_delivery(pg_app, gateway):
     def purge():
         Notification.update(created_at=time.time() - 31 * 86400).where(
             Notification.id == ids[0]).execute()
-        w = delivery.Worker(app)
-        try:
-            return w.purge_history(), Delivery.select().count()
-        finally:
-            w.close()
+        return purge_history(app.config["HISTORY_DAYS"]), Delivery.select().count()
 
     assert in_db(app, purge) == (1, 12)
     assert client.get(f"/push/v1/history/{ids[0]}", headers=alice).status_code == 404
@@ -482,15 +317,15 @@ def test_sending_and_delivery(pg_app, gateway):
 
 def test_failures_and_removed_pushers(pg_app, gateway):
     app, client = pg_app, pg_app.test_client()
+    api = Api(client)
     auth = tokens(app, "alice")
     alice, erp = auth["alice"], auth["erp"]
     add_channel(app, "erp.task", "enabled")
-    set_pusher(client, alice, pusher_body("bad-phone", url=gateway.url()))
-    set_pusher(client, alice, pusher_body("gone-phone", url=gateway.url()))
-    set_pusher(client, alice, pusher_body("bad-batch", url=gateway.url("/push/v1/")))
-    send(client, erp)
-    set_pusher(client, alice, {"kind": None, "app_id": "com.example.app",
-                               "pushkey": "gone-phone"})
+    api.register(alice, "bad-phone", url=gateway.url())
+    api.register(alice, "gone-phone", url=gateway.url())
+    api.register(alice, "bad-batch", url=gateway.url("/push/v1/"))
+    api.send(erp)
+    api.unregister(alice, "gone-phone", app_id="com.example.app")
     worker = delivery.Worker(app)
     try:
         drain(app, worker)
@@ -510,13 +345,13 @@ def test_failures_and_removed_pushers(pg_app, gateway):
 
 def queue(app, count_pushers=40, count_notifications=10, url=None):
     client = app.test_client()
+    api = Api(client)
     auth = tokens(app, "alice")
     add_channel(app, "erp.task", "enabled")
     for i in range(count_pushers):
-        set_pusher(client, auth["alice"], pusher_body(f"phone-{i:02d}", url=url or
-                                                      "https://gw.example" + NOTIFY))
+        api.register(auth["alice"], f"phone-{i:02d}", url=url or "https://gw.example" + NOTIFY)
     for _ in range(count_notifications):
-        assert send(client, auth["erp"]).status_code == 202
+        assert api.send(auth["erp"]).status_code == 202
     return count_pushers * count_notifications
 
 
@@ -661,7 +496,7 @@ def test_racing_sends_with_one_identifier_store_one_notification(pg_app):
     erp = tokens(pg_app, services=("erp",))["erp"]
 
     def post(client):
-        response = send(client, erp, identifier="same-event")
+        response = Api(client).send(erp, identifier="same-event")
         return response.status_code, response.get_json()
 
     for _ in range(3):

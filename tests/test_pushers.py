@@ -6,7 +6,7 @@ import stat
 import time
 
 import pytest
-from conftest import ISS, encryption, fetch, instance_bytes, pusher_body
+from support import ISS, Api, assert_error, encryption, fetch, instance_bytes, pusher_body
 
 import app as app_module
 import crypto
@@ -20,50 +20,17 @@ with open(os.path.join(os.path.dirname(__file__), "vectors", "crypto.json")) as 
     CHAINS = json.load(f)["chains"]
 
 
-def pushers(client, headers):
-    response = client.get(LIST, headers=headers)
-    assert response.status_code == 200
-    return response.get_json()["pushers"]
-
-
-def set_pusher(client, headers, body):
-    return client.post(SET, json=body, headers=headers)
-
-
-def assert_error(response, errcode, status=400):
-    assert response.status_code == status, response.get_json()
-    body = response.get_json()
-    assert body["errcode"] == errcode, body
-    return body["error"]
-
-
-
-
-
-
-def set_channel(client, headers, pushkey, name, value):
-    response = client.post(f"/push/v1/channels/{pushkey}", headers=headers,
-                           json={"channels": [{"name": name, "value": value}]})
-    assert response.status_code == 200, response.get_json()
-
-
-def channel_states(client, headers, pushkey):
-    response = client.get(f"/push/v1/channels/{pushkey}", headers=headers)
-    assert response.status_code == 200, response.get_json()
-    return {c["id"]: c["status"] for c in response.get_json()["channels"]}
-
-
 # --- create, list, update, delete -----------------------------------------------------------
 
 
-def test_registered_pusher_is_listed_with_its_fields(client, alice):
+def test_registered_pusher_is_listed_with_its_fields(api, alice):
     before = int(time.time())
     body = pusher_body("pk1", profile_tag="tag", lang="de-DE",
                        data={"url": "https://gw.example/push/v1/notify", "format": "event_id_only",
                              "custom": {"k": [1, 2]}})
-    response = set_pusher(client, alice, body)
+    response = api.set_pusher(alice, body)
     assert response.status_code == 200 and response.get_json() == {}
-    [listed] = pushers(client, alice)
+    [listed] = api.pushers(alice)
     ts = listed.pop("pushkey_ts")
     assert before <= ts <= int(time.time()) + 1
     assert listed == {
@@ -75,99 +42,99 @@ def test_registered_pusher_is_listed_with_its_fields(client, alice):
     }
 
 
-def test_pushers_are_listed_oldest_first_and_an_update_keeps_the_order(client, alice, register):
+def test_pushers_are_listed_oldest_first_and_an_update_keeps_the_order(api, alice, register):
     for pushkey in ("pk-b", "pk-a", "pk-c"):
         register(alice, pushkey)
     register(alice, "pk-b", lang="fr")
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["pk-b", "pk-a", "pk-c"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk-b", "pk-a", "pk-c"]
 
 
-def test_a_user_sees_only_their_own_pushers(client, alice, user_token, register):
+def test_a_user_sees_only_their_own_pushers(api, alice, user_token, register):
     bob = user_token("bob")
     register(alice, "alice-phone")
     register(bob, "bob-phone")
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["alice-phone"]
-    assert [p["pushkey"] for p in pushers(client, bob)] == ["bob-phone"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["alice-phone"]
+    assert [p["pushkey"] for p in api.pushers(bob)] == ["bob-phone"]
 
 
-def test_kind_null_deletes_the_pusher(client, alice, register):
+def test_kind_null_deletes_the_pusher(api, alice, register):
     register(alice, "pk1")
     register(alice, "pk2")
-    response = set_pusher(client, alice, {"kind": None, "app_id": "com.example.app",
+    response = api.set_pusher(alice, {"kind": None, "app_id": "com.example.app",
                                           "pushkey": "pk1"})
     assert response.status_code == 200 and response.get_json() == {}
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["pk2"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk2"]
 
 
-def test_kind_null_deletes_only_the_matching_app_id(client, alice, register):
+def test_kind_null_deletes_only_the_matching_app_id(api, alice, register):
     register(alice, "pk1")
     register(alice, "pk1", app_id="com.example.other")
-    set_pusher(client, alice, {"kind": None, "app_id": "com.example.other", "pushkey": "pk1"})
-    assert [p["app_id"] for p in pushers(client, alice)] == ["com.example.app"]
+    api.set_pusher(alice, {"kind": None, "app_id": "com.example.other", "pushkey": "pk1"})
+    assert [p["app_id"] for p in api.pushers(alice)] == ["com.example.app"]
 
 
-def test_kind_null_does_not_touch_another_users_pusher(client, alice, user_token, register):
+def test_kind_null_does_not_touch_another_users_pusher(api, alice, user_token, register):
     bob = user_token("bob")
     register(bob, "pk1")
-    response = set_pusher(client, alice, {"kind": None, "app_id": "com.example.app",
+    response = api.set_pusher(alice, {"kind": None, "app_id": "com.example.app",
                                           "pushkey": "pk1"})
     assert response.status_code == 200
-    assert [p["pushkey"] for p in pushers(client, bob)] == ["pk1"]
+    assert [p["pushkey"] for p in api.pushers(bob)] == ["pk1"]
 
 
-def test_deleting_a_missing_pusher_is_200_empty(client, alice):
-    response = set_pusher(client, alice, {"kind": None, "app_id": "com.example.app",
+def test_deleting_a_missing_pusher_is_200_empty(api, alice):
+    response = api.set_pusher(alice, {"kind": None, "app_id": "com.example.app",
                                           "pushkey": "never-registered"})
     assert response.status_code == 200
     assert response.get_json() == {}
 
 
 @pytest.mark.parametrize("kind", ["email", "HTTP", "", "https"])
-def test_kind_other_than_http_is_invalid_param(client, alice, kind):
-    error = assert_error(set_pusher(client, alice, pusher_body(kind=kind)), "M_INVALID_PARAM")
+def test_kind_other_than_http_is_invalid_param(api, alice, kind):
+    error = assert_error(api.set_pusher(alice, pusher_body(kind=kind)), 400, "M_INVALID_PARAM")
     assert "kind" in error
-    assert pushers(client, alice) == []
+    assert api.pushers(alice) == []
 
 
-def test_missing_conditional_fields_are_named_in_one_message(client, alice):
+def test_missing_conditional_fields_are_named_in_one_message(api, alice):
     body = pusher_body()
     del body["lang"], body["data"]
-    response = set_pusher(client, alice, body)
-    assert assert_error(response, "M_MISSING_PARAM") == "Missing parameters: lang, data"
+    response = api.set_pusher(alice, body)
+    assert assert_error(response, 400, "M_MISSING_PARAM") == "Missing parameters: lang, data"
 
 
-def test_every_conditional_field_is_required_with_kind_http(client, alice):
-    response = set_pusher(client, alice, {"kind": "http", "app_id": "a", "pushkey": "k"})
-    assert assert_error(response, "M_MISSING_PARAM") == (
+def test_every_conditional_field_is_required_with_kind_http(api, alice):
+    response = api.set_pusher(alice, {"kind": "http", "app_id": "a", "pushkey": "k"})
+    assert assert_error(response, 400, "M_MISSING_PARAM") == (
         "Missing parameters: app_display_name, device_display_name, lang, data")
 
 
-def test_missing_fields_are_all_named_even_with_an_always_required_one_missing(client, alice):
+def test_missing_fields_are_all_named_even_with_an_always_required_one_missing(api, alice):
     body = pusher_body()
     del body["app_id"], body["lang"]
-    error = assert_error(set_pusher(client, alice, body), "M_MISSING_PARAM")
+    error = assert_error(api.set_pusher(alice, body), 400, "M_MISSING_PARAM")
     assert error.startswith("Missing parameters: ")
     assert set(error.removeprefix("Missing parameters: ").split(", ")) == {"app_id", "lang"}
 
 
 @pytest.mark.parametrize("field", ["kind", "app_id", "pushkey"])
-def test_kind_app_id_and_pushkey_are_always_required(client, alice, field):
+def test_kind_app_id_and_pushkey_are_always_required(api, alice, field):
     for body in (pusher_body(), {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"}):
         del body[field]
-        error = assert_error(set_pusher(client, alice, body), "M_MISSING_PARAM")
+        error = assert_error(api.set_pusher(alice, body), 400, "M_MISSING_PARAM")
         assert error == f"Missing parameters: {field}"
-    assert pushers(client, alice) == []
+    assert api.pushers(alice) == []
 
 
-def test_deleting_needs_no_conditional_fields(client, alice, register):
+def test_deleting_needs_no_conditional_fields(api, alice, register):
     register(alice)
-    response = set_pusher(client, alice, {"kind": None, "app_id": "com.example.app",
+    response = api.set_pusher(alice, {"kind": None, "app_id": "com.example.app",
                                           "pushkey": "pk1", "lang": 5})
     assert response.status_code == 400  # types are still checked
-    response = set_pusher(client, alice, {"kind": None, "app_id": "com.example.app",
+    response = api.set_pusher(alice, {"kind": None, "app_id": "com.example.app",
                                           "pushkey": "pk1"})
     assert response.status_code == 200
-    assert pushers(client, alice) == []
+    assert api.pushers(alice) == []
 
 
 @pytest.mark.parametrize("pushkey", [
@@ -176,10 +143,10 @@ def test_deleting_needs_no_conditional_fields(client, alice, register):
     "a" * 512,
     "x",
 ])
-def test_pushkey_up_to_512_utf8_bytes_is_accepted(client, alice, pushkey):
+def test_pushkey_up_to_512_utf8_bytes_is_accepted(api, alice, pushkey):
     assert len(pushkey.encode()) <= 512
-    assert set_pusher(client, alice, pusher_body(pushkey)).status_code == 200
-    assert [p["pushkey"] for p in pushers(client, alice)] == [pushkey]
+    assert api.set_pusher(alice, pusher_body(pushkey)).status_code == 200
+    assert [p["pushkey"] for p in api.pushers(alice)] == [pushkey]
 
 
 @pytest.mark.parametrize("pushkey", [
@@ -187,19 +154,19 @@ def test_pushkey_up_to_512_utf8_bytes_is_accepted(client, alice, pushkey):
     "a" * 513,
     "",
 ])
-def test_pushkey_over_512_utf8_bytes_or_empty_is_refused(client, alice, pushkey):
-    error = assert_error(set_pusher(client, alice, pusher_body(pushkey)), "M_INVALID_PARAM")
+def test_pushkey_over_512_utf8_bytes_or_empty_is_refused(api, alice, pushkey):
+    error = assert_error(api.set_pusher(alice, pusher_body(pushkey)), 400, "M_INVALID_PARAM")
     assert "pushkey" in error
-    assert pushers(client, alice) == []
+    assert api.pushers(alice) == []
 
 
-def test_app_id_limit_is_64_characters_not_bytes(client, alice):
-    assert set_pusher(client, alice, pusher_body(app_id="é" * 64)).status_code == 200
+def test_app_id_limit_is_64_characters_not_bytes(api, alice):
+    assert api.set_pusher(alice, pusher_body(app_id="é" * 64)).status_code == 200
     for app_id in ("a" * 65, ""):
-        error = assert_error(set_pusher(client, alice, pusher_body(app_id=app_id)),
-                             "M_INVALID_PARAM")
+        response = api.set_pusher(alice, pusher_body(app_id=app_id))
+        error = assert_error(response, 400, "M_INVALID_PARAM")
         assert "app_id" in error
-    assert [p["app_id"] for p in pushers(client, alice)] == ["é" * 64]
+    assert [p["app_id"] for p in api.pushers(alice)] == ["é" * 64]
 
 
 @pytest.mark.parametrize("field, ok, too_long", [
@@ -208,11 +175,11 @@ def test_app_id_limit_is_64_characters_not_bytes(client, alice):
     ("profile_tag", 255, 256),
     ("lang", 32, 33),
 ])
-def test_other_strings_are_bounded(client, alice, field, ok, too_long):
-    assert set_pusher(client, alice, pusher_body(**{field: "x" * ok})).status_code == 200
-    response = set_pusher(client, alice, pusher_body("pk2", **{field: "x" * too_long}))
-    assert field in assert_error(response, "M_INVALID_PARAM")
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["pk1"]
+def test_other_strings_are_bounded(api, alice, field, ok, too_long):
+    assert api.set_pusher(alice, pusher_body(**{field: "x" * ok})).status_code == 200
+    response = api.set_pusher(alice, pusher_body("pk2", **{field: "x" * too_long}))
+    assert field in assert_error(response, 400, "M_INVALID_PARAM")
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
 
 
 @pytest.mark.parametrize("field, value", [
@@ -232,10 +199,10 @@ def test_other_strings_are_bounded(client, alice, field, ok, too_long):
     ("kind", 1),
     ("encryption", "aes-hmac-sha256"),
 ])
-def test_types_are_strict(client, alice, field, value):
-    error = assert_error(set_pusher(client, alice, pusher_body(**{field: value})), "M_BAD_JSON")
+def test_types_are_strict(api, alice, field, value):
+    error = assert_error(api.set_pusher(alice, pusher_body(**{field: value})), 400, "M_BAD_JSON")
     assert field in error
-    assert pushers(client, alice) == []
+    assert api.pushers(alice) == []
 
 
 @pytest.mark.parametrize("data", [
@@ -243,29 +210,29 @@ def test_types_are_strict(client, alice, field, value):
     {"url": ["https://gw.example/push/v1/notify"]},
     {"url": "https://gw.example/push/v1/notify", "format": 1},
 ])
-def test_data_url_and_format_must_be_strings(client, alice, data):
-    assert_error(set_pusher(client, alice, pusher_body(data=data)), "M_BAD_JSON")
-    assert pushers(client, alice) == []
+def test_data_url_and_format_must_be_strings(api, alice, data):
+    assert_error(api.set_pusher(alice, pusher_body(data=data)), 400, "M_BAD_JSON")
+    assert api.pushers(alice) == []
 
 
 @pytest.mark.parametrize("append", [True, False])
-def test_append_accepts_booleans(client, alice, append):
-    assert set_pusher(client, alice, pusher_body(append=append)).status_code == 200
+def test_append_accepts_booleans(api, alice, append):
+    assert api.set_pusher(alice, pusher_body(append=append)).status_code == 200
 
 
-def test_unknown_top_level_keys_are_ignored(client, alice):
+def test_unknown_top_level_keys_are_ignored(api, alice):
     body = pusher_body(device_id="ABC", extra={"nested": True}, tweaks=[1])
-    assert set_pusher(client, alice, body).status_code == 200
-    [listed] = pushers(client, alice)
+    assert api.set_pusher(alice, body).status_code == 200
+    [listed] = api.pushers(alice)
     assert not {"device_id", "extra", "tweaks"} & set(listed)
 
 
 # --- data.url --------------------------------------------------------------------------------
 
 
-def test_data_url_is_required(client, alice):
-    response = set_pusher(client, alice, pusher_body(data={"format": "event_id_only"}))
-    assert assert_error(response, "M_MISSING_PARAM") == "Missing parameters: data.url"
+def test_data_url_is_required(api, alice):
+    response = api.set_pusher(alice, pusher_body(data={"format": "event_id_only"}))
+    assert assert_error(response, 400, "M_MISSING_PARAM") == "Missing parameters: data.url"
 
 
 @pytest.mark.parametrize("url", [
@@ -275,9 +242,9 @@ def test_data_url_is_required(client, alice):
     "https://gw.example:8443/tenant/push/v1/notify",
     "https://gw.example/push/v1/notify?tenant=1",
 ])
-def test_gateway_url_ending_in_a_notify_path_is_accepted(client, alice, url):
-    assert set_pusher(client, alice, pusher_body(url=url)).status_code == 200
-    assert pushers(client, alice)[0]["data"]["url"] == url
+def test_gateway_url_ending_in_a_notify_path_is_accepted(api, alice, url):
+    assert api.set_pusher(alice, pusher_body(url=url)).status_code == 200
+    assert api.pushers(alice)[0]["data"]["url"] == url
 
 
 @pytest.mark.parametrize("url", [
@@ -295,19 +262,19 @@ def test_gateway_url_ending_in_a_notify_path_is_accepted(client, alice, url):
     "ftp://gw.example/push/v1/notify",
     "",
 ])
-def test_gateway_url_that_is_not_a_notify_url_is_refused(client, alice, url):
-    error = assert_error(set_pusher(client, alice, pusher_body(url=url)), "M_INVALID_PARAM")
+def test_gateway_url_that_is_not_a_notify_url_is_refused(api, alice, url):
+    error = assert_error(api.set_pusher(alice, pusher_body(url=url)), 400, "M_INVALID_PARAM")
     assert "data.url" in error
-    assert pushers(client, alice) == []
+    assert api.pushers(alice) == []
 
 
 def test_plain_http_gateway_is_refused_unless_the_operator_allows_it(make_app, alice):
     strict = make_app(ALLOW_HTTP_GATEWAYS=False).test_client()
     body = pusher_body(url="http://gw.example/push/v1/notify")
-    assert "https" in assert_error(set_pusher(strict, alice, body), "M_INVALID_PARAM")
-    assert set_pusher(strict, alice, pusher_body()).status_code == 200
+    assert "https" in assert_error(Api(strict).set_pusher(alice, body), 400, "M_INVALID_PARAM")
+    assert Api(strict).set_pusher(alice, pusher_body()).status_code == 200
     relaxed = make_app(ALLOW_HTTP_GATEWAYS=True).test_client()
-    assert set_pusher(relaxed, alice, body).status_code == 200
+    assert Api(relaxed).set_pusher(alice, body).status_code == 200
 
 
 def test_gateway_allow_list_restricts_url_prefixes(make_app, alice):
@@ -315,103 +282,103 @@ def test_gateway_allow_list_restricts_url_prefixes(make_app, alice):
         GATEWAY_ALLOWLIST="https://good.example/, https://shared.example/tenant-a/").test_client()
     for url in ("https://good.example/push/v1/notify",
                 "https://shared.example/tenant-a/_matrix/push/v1/notify"):
-        assert set_pusher(client, alice, pusher_body(url=url)).status_code == 200
+        assert Api(client).set_pusher(alice, pusher_body(url=url)).status_code == 200
     for url in ("https://evil.example/push/v1/notify",
                 "https://shared.example/tenant-b/push/v1/notify",
                 "https://good.example.evil.example/push/v1/notify"):
-        error = assert_error(set_pusher(client, alice, pusher_body("pk2", url=url)),
-                             "M_INVALID_PARAM")
+        response = Api(client).set_pusher(alice, pusher_body("pk2", url=url))
+        error = assert_error(response, 400, "M_INVALID_PARAM")
         assert "allow-list" in error
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["pk1"]
+    assert [p["pushkey"] for p in Api(client).pushers(alice)] == ["pk1"]
 
 
-def test_data_size_is_bounded(client, alice):
+def test_data_size_is_bounded(api, alice):
     data = {"url": "https://gw.example/push/v1/notify", "blob": "x" * 5000}
-    assert "data" in assert_error(set_pusher(client, alice, pusher_body(data=data)),
-                                  "M_INVALID_PARAM")
+    response = api.set_pusher(alice, pusher_body(data=data))
+    assert "data" in assert_error(response, 400, "M_INVALID_PARAM")
 
 
 # --- upsert and append -----------------------------------------------------------------------
 
 
-def test_setting_again_updates_fields_and_pushkey_ts_without_a_duplicate(client, alice,
+def test_setting_again_updates_fields_and_pushkey_ts_without_a_duplicate(api, alice,
                                                                         monkeypatch):
     monkeypatch.setattr(app_module, "now", lambda: 1_700_000_000)
-    assert set_pusher(client, alice, pusher_body(lang="en")).status_code == 200
+    assert api.set_pusher(alice, pusher_body(lang="en")).status_code == 200
     monkeypatch.setattr(app_module, "now", lambda: 1_700_000_500)
     body = pusher_body(lang="de", device_display_name="New phone",
                        url="https://gw2.example/push/v1/notify")
-    assert set_pusher(client, alice, body).status_code == 200
-    [listed] = pushers(client, alice)
+    assert api.set_pusher(alice, body).status_code == 200
+    [listed] = api.pushers(alice)
     assert listed["pushkey_ts"] == 1_700_000_500
     assert (listed["lang"], listed["device_display_name"], listed["data"]["url"]) == (
         "de", "New phone", "https://gw2.example/push/v1/notify")
     assert len(fetch(Pusher.select())) == 1
 
 
-def test_same_pushkey_with_another_app_id_is_another_pusher(client, alice, register):
+def test_same_pushkey_with_another_app_id_is_another_pusher(api, alice, register):
     register(alice, "pk1")
     register(alice, "pk1", app_id="com.example.other")
-    assert [p["app_id"] for p in pushers(client, alice)] == ["com.example.app",
+    assert [p["app_id"] for p in api.pushers(alice)] == ["com.example.app",
                                                            "com.example.other"]
 
 
-def test_append_false_removes_that_pusher_of_other_users_with_its_channel_states(
+def test_append_false_removes_that_pusher_of_other_users_with_its_channel_states(api,
         client, alice, user_token, register, channel):
     bob = user_token("bob")
     channel("c1")
     register(bob, "pk1")
-    set_channel(client, bob, "pk1", "c1", "enabled")
+    assert api.set_channels(bob, "pk1", ("c1", "enabled")).status_code == 200
     register(alice, "pk1", append=False)
-    assert pushers(client, bob) == []
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["pk1"]
+    assert api.pushers(bob) == []
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
     assert fetch(ChannelState.select()) == []
     register(bob, "pk1", append=True)  # back again: the old state did not survive
-    assert channel_states(client, bob, "pk1") == {"c1": "not_set"}
+    assert api.channels(bob, "pk1") == {"c1": "not_set"}
 
 
-def test_append_false_is_the_default(client, alice, user_token, register):
+def test_append_false_is_the_default(api, alice, user_token, register):
     bob = user_token("bob")
     register(bob, "pk1")
     body = pusher_body("pk1")
     assert "append" not in body
-    assert set_pusher(client, alice, body).status_code == 200
-    assert pushers(client, bob) == []
+    assert api.set_pusher(alice, body).status_code == 200
+    assert api.pushers(bob) == []
 
 
 def test_append_false_keeps_other_users_pushers_with_another_app_id_or_pushkey(
-        client, alice, user_token, register):
+        api, alice, user_token, register):
     bob = user_token("bob")
     register(bob, "pk1", app_id="com.example.other")
     register(bob, "pk2")
     register(alice, "pk1", append=False)
-    assert sorted((p["app_id"], p["pushkey"]) for p in pushers(client, bob)) == [
+    assert sorted((p["app_id"], p["pushkey"]) for p in api.pushers(bob)) == [
         ("com.example.app", "pk2"), ("com.example.other", "pk1")]
 
 
-def test_append_false_keeps_other_users_state_while_they_still_have_that_pushkey(
+def test_append_false_keeps_other_users_state_while_they_still_have_that_pushkey(api,
         client, alice, user_token, register, channel):
     bob = user_token("bob")
     channel("c1")
     register(bob, "pk1")
     register(bob, "pk1", app_id="com.example.other")
-    set_channel(client, bob, "pk1", "c1", "enabled")
+    assert api.set_channels(bob, "pk1", ("c1", "enabled")).status_code == 200
     register(alice, "pk1", append=False)
-    assert [p["app_id"] for p in pushers(client, bob)] == ["com.example.other"]
-    assert channel_states(client, bob, "pk1") == {"c1": "enabled"}
+    assert [p["app_id"] for p in api.pushers(bob)] == ["com.example.other"]
+    assert api.channels(bob, "pk1") == {"c1": "enabled"}
 
 
-def test_append_true_keeps_other_users_pushers_and_states(client, alice, user_token, register,
+def test_append_true_keeps_other_users_pushers_and_states(api, client, alice, user_token, register,
                                                           channel):
     bob = user_token("bob")
     channel("c1")
     register(bob, "pk1")
-    set_channel(client, bob, "pk1", "c1", "enabled")
+    assert api.set_channels(bob, "pk1", ("c1", "enabled")).status_code == 200
     register(alice, "pk1", append=True)
-    assert [p["pushkey"] for p in pushers(client, bob)] == ["pk1"]
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["pk1"]
-    assert channel_states(client, bob, "pk1") == {"c1": "enabled"}
-    assert channel_states(client, alice, "pk1") == {"c1": "not_set"}
+    assert [p["pushkey"] for p in api.pushers(bob)] == ["pk1"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
+    assert api.channels(bob, "pk1") == {"c1": "enabled"}
+    assert api.channels(alice, "pk1") == {"c1": "not_set"}
 
 
 # --- per-user cap ---------------------------------------------------------------------------
@@ -421,43 +388,43 @@ def test_pusher_cap_refuses_one_more_with_403(make_app, alice, user_token):
     bob = user_token("bob")
     client = make_app(MAX_PUSHERS_PER_USER=2).test_client()
     for pushkey in ("pk1", "pk2"):
-        assert set_pusher(client, alice, pusher_body(pushkey)).status_code == 200
-    response = set_pusher(client, alice, pusher_body("pk3"))
-    assert_error(response, "M_RESOURCE_LIMIT_EXCEEDED", status=403)
-    assert [p["pushkey"] for p in pushers(client, alice)] == ["pk1", "pk2"]
+        assert Api(client).set_pusher(alice, pusher_body(pushkey)).status_code == 200
+    response = Api(client).set_pusher(alice, pusher_body("pk3"))
+    assert_error(response, 403, "M_RESOURCE_LIMIT_EXCEEDED")
+    assert [p["pushkey"] for p in Api(client).pushers(alice)] == ["pk1", "pk2"]
     # The cap is per user.
-    assert set_pusher(client, bob, pusher_body("pk3")).status_code == 200
+    assert Api(client).set_pusher(bob, pusher_body("pk3")).status_code == 200
 
 
 def test_updating_an_existing_pusher_at_the_cap_still_works(make_app, alice):
     client = make_app(MAX_PUSHERS_PER_USER=2).test_client()
     for pushkey in ("pk1", "pk2"):
-        set_pusher(client, alice, pusher_body(pushkey))
-    assert set_pusher(client, alice, pusher_body("pk2", lang="fr")).status_code == 200
-    assert [p["lang"] for p in pushers(client, alice)] == ["en", "fr"]
-    set_pusher(client, alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
-    assert set_pusher(client, alice, pusher_body("pk3")).status_code == 200
+        Api(client).set_pusher(alice, pusher_body(pushkey))
+    assert Api(client).set_pusher(alice, pusher_body("pk2", lang="fr")).status_code == 200
+    assert [p["lang"] for p in Api(client).pushers(alice)] == ["en", "fr"]
+    Api(client).set_pusher(alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
+    assert Api(client).set_pusher(alice, pusher_body("pk3")).status_code == 200
 
 
 def test_a_refused_pusher_over_the_cap_changes_nothing(make_app, alice, user_token):
     bob = user_token("bob")
     client = make_app(MAX_PUSHERS_PER_USER=1).test_client()
-    set_pusher(client, alice, pusher_body("pk1"))
-    set_pusher(client, bob, pusher_body("shared", append=True))
-    response = set_pusher(client, alice, pusher_body("shared", append=False,
+    Api(client).set_pusher(alice, pusher_body("pk1"))
+    Api(client).set_pusher(bob, pusher_body("shared", append=True))
+    response = Api(client).set_pusher(alice, pusher_body("shared", append=False,
                                                      encryption=encryption("new-key")))
     assert response.status_code == 403
-    assert [p["pushkey"] for p in pushers(client, bob)] == ["shared"]
+    assert [p["pushkey"] for p in Api(client).pushers(bob)] == ["shared"]
     assert fetch(EncryptionKey.select()) == []
 
 
-def test_a_refused_update_leaves_the_pusher_as_it_was(client, alice, register):
+def test_a_refused_update_leaves_the_pusher_as_it_was(api, alice, register):
     register(alice, "pk1", lang="en")
-    before = pushers(client, alice)
+    before = api.pushers(alice)
     for bad in (pusher_body(lang="x" * 40), pusher_body(lang=7), pusher_body(kind="email"),
                 pusher_body(url="https://gw.example/nowhere")):
-        assert set_pusher(client, alice, bad).status_code == 400
-    assert pushers(client, alice) == before
+        assert api.set_pusher(alice, bad).status_code == 400
+    assert api.pushers(alice) == before
 
 
 # --- encryption -----------------------------------------------------------------------------
@@ -476,26 +443,27 @@ def test_a_refused_update_leaves_the_pusher_as_it_was(client, alice, register):
     {"key_identifier": ""},
     {"key_identifier": "k" * 129},
 ], ids=lambda change: "-".join(f"{k}={v[:12]}" for k, v in change.items()))
-def test_bad_encryption_values_are_invalid_param(client, alice, change):
-    response = set_pusher(client, alice, pusher_body(encryption={**encryption(), **change}))
-    error = assert_error(response, "M_INVALID_PARAM")
+def test_bad_encryption_values_are_invalid_param(api, alice, change):
+    response = api.set_pusher(alice, pusher_body(encryption={**encryption(), **change}))
+    error = assert_error(response, 400, "M_INVALID_PARAM")
     assert f"encryption.{next(iter(change))}" in error
-    assert pushers(client, alice) == []
+    assert api.pushers(alice) == []
     assert fetch(EncryptionKey.select()) == []
 
 
 @pytest.mark.parametrize("field", ["method", "initial_key_period", "iss", "key_identifier"])
-def test_missing_encryption_fields_are_missing_param(client, alice, field):
+def test_missing_encryption_fields_are_missing_param(api, alice, field):
     enc = encryption()
     del enc[field]
-    response = set_pusher(client, alice, pusher_body(encryption=enc))
-    assert assert_error(response, "M_MISSING_PARAM") == f"Missing parameters: encryption.{field}"
+    response = api.set_pusher(alice, pusher_body(encryption=enc))
+    error = assert_error(response, 400, "M_MISSING_PARAM")
+    assert error == f"Missing parameters: encryption.{field}"
 
 
-def test_key_identifier_of_128_characters_and_uppercase_iss_are_accepted(client, alice):
+def test_key_identifier_of_128_characters_and_uppercase_iss_are_accepted(api, alice):
     enc = encryption("k" * 128, iss=ISS.upper())
-    assert set_pusher(client, alice, pusher_body(encryption=enc)).status_code == 200
-    assert pushers(client, alice)[0]["encryption"]["key_identifier"] == "k" * 128
+    assert api.set_pusher(alice, pusher_body(encryption=enc)).status_code == 200
+    assert api.pushers(alice)[0]["encryption"]["key_identifier"] == "k" * 128
 
 
 def test_get_pushers_shows_only_method_and_key_identifier(client, alice, register):
@@ -535,11 +503,11 @@ def test_stored_generation_opens_to_the_first_generation_of_the_vectors(app, cli
         first["period"], first["secret"], first["aes_key"])
 
 
-def test_upstream_latest_name_time_iss_created_is_accepted(app, client, alice):
+def test_upstream_latest_name_time_iss_created_is_accepted(app, api, alice):
     chain = CHAINS[0]
     enc = {"method": "aes-hmac-sha256", "time_iss_created": chain["initial_key_period"],
            "iss": chain["iss"], "key_identifier": "f47ac10b-58cc-4372-a567-0e02b2c3d479"}
-    assert set_pusher(client, alice, pusher_body(encryption=enc)).status_code == 200
+    assert api.set_pusher(alice, pusher_body(encryption=enc)).status_code == 200
     [row] = fetch(EncryptionKey.select())
     assert row.period == chain["initial_key_period"]
     server_key = crypto.ServerKey.load(None, os.path.join(app.instance_path, "server.key"))
@@ -547,11 +515,11 @@ def test_upstream_latest_name_time_iss_created_is_accepted(app, client, alice):
     assert opened.aes_key.hex() == chain["generations"][0]["aes_key"]
 
 
-def test_bad_time_iss_created_is_invalid_param(client, alice):
+def test_bad_time_iss_created_is_invalid_param(api, alice):
     enc = encryption()
     del enc["initial_key_period"]
     enc["time_iss_created"] = "2024-13"
-    assert_error(set_pusher(client, alice, pusher_body(encryption=enc)), "M_INVALID_PARAM")
+    assert_error(api.set_pusher(alice, pusher_body(encryption=enc)), 400, "M_INVALID_PARAM")
 
 
 def test_server_key_file_is_created_with_mode_0600(app, alice, register):
@@ -560,32 +528,32 @@ def test_server_key_file_is_created_with_mode_0600(app, alice, register):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
-def test_known_key_identifier_with_another_iss_is_refused_and_nothing_changes(client, alice,
+def test_known_key_identifier_with_another_iss_is_refused_and_nothing_changes(api, alice,
                                                                               register):
     register(alice, "pk1", encryption=encryption("key-1", ISS))
     [before] = fetch(EncryptionKey.select())
-    listed = pushers(client, alice)
+    listed = api.pushers(alice)
     for body in (pusher_body("pk2", encryption=encryption("key-1", OTHER_ISS)),
                  pusher_body("pk1", lang="fr", encryption=encryption("key-1", OTHER_ISS))):
-        error = assert_error(set_pusher(client, alice, body), "M_INVALID_PARAM")
+        error = assert_error(api.set_pusher(alice, body), 400, "M_INVALID_PARAM")
         assert "key_identifier" in error
-    assert pushers(client, alice) == listed
+    assert api.pushers(alice) == listed
     [after] = fetch(EncryptionKey.select())
     assert (after.id, after.iss_fingerprint, after.period, bytes(after.sealed)) == (
         before.id, before.iss_fingerprint, before.period, bytes(before.sealed))
 
 
-def test_known_key_identifier_of_another_user_with_another_iss_is_refused(client, alice,
+def test_known_key_identifier_of_another_user_with_another_iss_is_refused(api, alice,
                                                                           user_token, register):
     bob = user_token("bob")
     register(alice, "pk1", encryption=encryption("key-1", ISS))
-    response = set_pusher(client, bob, pusher_body("pk2", encryption=encryption("key-1",
+    response = api.set_pusher(bob, pusher_body("pk2", encryption=encryption("key-1",
                                                                                 OTHER_ISS)))
-    assert_error(response, "M_INVALID_PARAM")
-    assert pushers(client, bob) == []
+    assert_error(response, 400, "M_INVALID_PARAM")
+    assert api.pushers(bob) == []
 
 
-def test_same_iss_again_keeps_the_ratchet(app, client, alice, register):
+def test_same_iss_again_keeps_the_ratchet(app, api, alice, register):
     chain = next(c for c in CHAINS if c["iss"] == ISS)
     register(alice, "pk1", encryption=encryption("key-1", ISS, chain["initial_key_period"]))
     # Let the ratchet move on, as sending in a later month does.
@@ -603,49 +571,49 @@ def test_same_iss_again_keeps_the_ratchet(app, client, alice, register):
     [after] = fetch(EncryptionKey.select())
     assert (after.id, after.period, bytes(after.sealed)) == (
         before.id, later["period"], bytes(before.sealed))
-    assert [p["lang"] for p in pushers(client, alice)] == ["fr", "en"]
+    assert [p["lang"] for p in api.pushers(alice)] == ["fr", "en"]
     assert {p.encryption_key_id for p in fetch(Pusher.select())} == {after.id}
 
 
-def test_key_material_goes_with_the_last_pusher_using_it(client, alice, register):
+def test_key_material_goes_with_the_last_pusher_using_it(api, alice, register):
     register(alice, "pk1", encryption=encryption("key-1"))
     register(alice, "pk2", encryption=encryption("key-1"))
-    set_pusher(client, alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
+    api.set_pusher(alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
     assert [k.key_identifier for k in fetch(EncryptionKey.select())] == ["key-1"]
     register(alice, "pk2")  # updated without encryption
-    assert "encryption" not in pushers(client, alice)[0]
+    assert "encryption" not in api.pushers(alice)[0]
     assert fetch(EncryptionKey.select()) == []
 
 
-def test_switching_to_a_new_key_identifier_drops_the_old_key(client, alice, register):
+def test_switching_to_a_new_key_identifier_drops_the_old_key(api, alice, register):
     register(alice, "pk1", encryption=encryption("key-1"))
     register(alice, "pk1", encryption=encryption("key-2", OTHER_ISS))
     assert [k.key_identifier for k in fetch(EncryptionKey.select())] == ["key-2"]
-    assert pushers(client, alice)[0]["encryption"]["key_identifier"] == "key-2"
+    assert api.pushers(alice)[0]["encryption"]["key_identifier"] == "key-2"
 
 
 def test_encryption_required_policy_refuses_plain_pushers(make_app, alice):
     client = make_app(ENCRYPTION="required").test_client()
-    response = set_pusher(client, alice, pusher_body())
-    assert assert_error(response, "M_MISSING_PARAM") == "Missing parameters: encryption"
-    assert pushers(client, alice) == []
-    assert set_pusher(client, alice, pusher_body(encryption=encryption())).status_code == 200
-    response = set_pusher(client, alice, {"kind": None, "app_id": "com.example.app",
+    response = Api(client).set_pusher(alice, pusher_body())
+    assert assert_error(response, 400, "M_MISSING_PARAM") == "Missing parameters: encryption"
+    assert Api(client).pushers(alice) == []
+    assert Api(client).set_pusher(alice, pusher_body(encryption=encryption())).status_code == 200
+    response = Api(client).set_pusher(alice, {"kind": None, "app_id": "com.example.app",
                                           "pushkey": "pk1"})
     assert response.status_code == 200
-    assert pushers(client, alice) == []
+    assert Api(client).pushers(alice) == []
 
 
 def test_encryption_forbidden_policy_refuses_encrypted_pushers(make_app, alice):
     client = make_app(ENCRYPTION="forbidden").test_client()
-    response = set_pusher(client, alice, pusher_body(encryption=encryption()))
-    assert_error(response, "M_INVALID_PARAM")
+    response = Api(client).set_pusher(alice, pusher_body(encryption=encryption()))
+    assert_error(response, 400, "M_INVALID_PARAM")
     assert fetch(EncryptionKey.select()) == []
-    assert set_pusher(client, alice, pusher_body()).status_code == 200
+    assert Api(client).set_pusher(alice, pusher_body()).status_code == 200
 
 
-def test_encryption_optional_by_default_takes_both(client, alice):
-    assert set_pusher(client, alice, pusher_body("plain")).status_code == 200
-    assert set_pusher(client, alice, pusher_body("sealed", encryption=encryption())).status_code \
+def test_encryption_optional_by_default_takes_both(api, alice):
+    assert api.set_pusher(alice, pusher_body("plain")).status_code == 200
+    assert api.set_pusher(alice, pusher_body("sealed", encryption=encryption())).status_code \
         == 200
-    assert ["encryption" in p for p in pushers(client, alice)] == [False, True]
+    assert ["encryption" in p for p in api.pushers(alice)] == [False, True]

@@ -2,11 +2,10 @@
 always ``{"errcode", "error"}``, nothing stored by a refused request, and an OpenAPI document
 that says what the server does."""
 
-import itertools
 import json
 
 import pytest
-from conftest import ISS, cli_token, encryption, fetch, pusher_body
+from support import ISS, assert_error, cli_token, encryption, fetch, pusher_body
 
 from models import ChannelState, EncryptionKey, Notification, Pusher, db
 
@@ -14,16 +13,6 @@ SET = "/push/v1/pushers/set"
 LIST = "/push/v1/pushers"
 SEND = "/push/v1/notifications"
 URL = "https://gw.example/_matrix/push/v1/notify"
-
-
-def assert_error(response, status, errcode):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert set(body) == {"errcode", "error"}, body
-    assert body["errcode"] == errcode, body
-    assert isinstance(body["error"], str) and body["error"]
-    return body
 
 
 def strict_json(response):
@@ -239,29 +228,8 @@ def test_nul_inside_data_and_payload_is_stored_escaped_and_fine(client, alice, s
     assert item.get_json()["payload"] == {"t": "\x00"}
 
 
-_databases = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def postgres_cluster():
-    """A throwaway PostgreSQL server, as in test_postgres (skipped where that one is)."""
-    test_postgres = pytest.importorskip("test_postgres")
-    bindir = test_postgres.server_binaries()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server binaries")
-    cluster = test_postgres.Cluster(bindir)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        if db.obj is not None and not db.is_closed():
-            db.close()
-        cluster.stop()
-
-
-def test_nul_never_reaches_postgresql(make_app, postgres_cluster):
-    app = make_app(DATABASE_URL=postgres_cluster.create_database(
-        f"push_robust_{next(_databases)}"), TESTING=False)
+def test_nul_never_reaches_postgresql(make_app, pg_url):
+    app = make_app(DATABASE_URL=pg_url, TESTING=False)
     try:
         runner, client = app.test_cli_runner(), app.test_client()
         user = {"Authorization": "Bearer " + cli_token(runner, "users", "create", "alice")}

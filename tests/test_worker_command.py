@@ -5,8 +5,8 @@ import os
 import signal
 import subprocess
 
-from conftest import Gateway, cli_token, pusher_body
-from servers import BIN, ROOT, push_env, wait_until
+from support import Api, Gateway, cli_token, pusher_body
+from servers import BIN, ROOT, Gunicorn, push_env, wait_until
 
 import delivery
 from models import db
@@ -60,5 +60,28 @@ def test_two_worker_commands_deliver_everything_exactly_once(make_app, tmp_path)
         expected = {(nid, f"phone-{i}") for nid in ids for i in range(20)}
         assert set(seen) == expected
         assert set(seen.values()) == {1}
+    finally:
+        gateway.close()
+
+
+def test_gunicorn_workers_deliver_from_boot_without_waiting_for_a_request(make_app, tmp_path):
+    # Deliveries queued while no server ran (say, before a crash) go out when gunicorn starts,
+    # though no request ever reaches it: the worker starts at boot (gunicorn.conf.py).
+    app = make_app()
+    api, runner = Api(app.test_client()), app.test_cli_runner()
+    alice = {"Authorization": "Bearer " + cli_token(runner, "users", "create", "alice")}
+    service = {"Authorization": "Bearer " + cli_token(runner, "services", "create", "erp")}
+    runner.invoke(args=["channels", "add", "erp.task", "--default", "enabled"])
+    gateway = Gateway()
+    try:
+        api.register(alice, "phone-1", url=gateway.url())
+        assert api.send(service).status_code == 202
+        env = push_env(app.instance_path, ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True,
+                       EMBEDDED_WORKER=True, WORKER_POLL_SECONDS=0.1)
+        with Gunicorn(env, workers=1, log_dir=tmp_path, probe=False) as server:
+            wait_until(lambda: gateway.notifications(), 30, "the queued delivery to arrive")
+            log = server.log()
+        assert len(gateway.notifications()) == 1
+        assert "Traceback" not in log
     finally:
         gateway.close()

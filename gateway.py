@@ -1,0 +1,272 @@
+"""What goes over the wire to a push gateway, and what its answer means (SPEC section 5).
+
+``delivery.py`` decides *when* a delivery is sent and records what happened; this module knows
+*how*: the request body each gateway URL gets, the HTTP client that may call a URL a user chose
+(SSRF rules), and the mapping of a gateway's answer to one ``Outcome`` per delivery. Everything
+here is a plain function or a small class that tests can call directly, without a worker.
+"""
+
+import ipaddress
+import json
+import socket
+from dataclasses import dataclass, field
+
+import urllib3
+from marshmallow import ValidationError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util import connection as urllib3_connection
+
+import crypto
+from schemas import check_gateway_url
+
+BATCH_SIZE = 100
+BATCH_SUFFIX = "/push/v1/"
+USER_AGENT = "push-service/1.0"
+
+
+def redact(pushkey):
+    """A pushkey shortened for logs: never the whole of it."""
+    return pushkey[:6] + "…" if len(pushkey) > 6 else "…"
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What became of one delivery in one round.
+
+    ``result`` is ``delivered``, ``failed`` (for good), ``retry`` (later, with backoff) or
+    ``released`` (not tried: handed back, due at once). ``rejected`` holds the pushkeys the
+    gateway rejected in its answer; ``retry_after`` is a 429/5xx answer's Retry-After header.
+    """
+
+    delivery: object
+    result: str
+    reason: str = None
+    rejected: list = field(default_factory=list)
+    retry_after: str = None
+
+    @property
+    def pushkey_rejected(self):
+        """Whether the gateway rejected this delivery's own pushkey (its pusher must go)."""
+        return self.result in ("delivered", "failed") and self.delivery.pushkey in self.rejected
+
+
+def rejected_list(value):
+    """A gateway's ``rejected`` value as a list of pushkeys (anything else counts as none)."""
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+def outcomes_for(job, status, answer, retry_after=None):
+    """Map one gateway answer to an Outcome for each delivery the request carried."""
+    deliveries = job.deliveries
+    if status == 429 or status >= 500:
+        reason = f"gateway answered {status}"
+        return [Outcome(d, "retry", reason, retry_after=retry_after) for d in deliveries]
+    if not 200 <= status < 300:
+        detail = json.dumps(answer)[:200] if answer else ""
+        reason = f"gateway answered {status}: {detail}"
+        return [Outcome(d, "failed", reason) for d in deliveries]
+    answer = answer if isinstance(answer, dict) else {}
+    if not job.batch:
+        return [Outcome(deliveries[0], "delivered", rejected=rejected_list(answer.get("rejected")))]
+    return batch_outcomes(deliveries, answer)
+
+
+def batch_outcomes(deliveries, answer):
+    """Honour per-item results of a batch answer; items it does not mention are retried."""
+    results = {}
+    for result in answer.get("results") or []:
+        if isinstance(result, dict) and isinstance(result.get("id"), str):
+            results[result["id"]] = result
+    outcomes = []
+    for d in deliveries:
+        result = results.get(str(d.id))
+        status = result.get("status") if result else None
+        if status in ("success", "partial"):
+            outcomes.append(Outcome(d, "delivered", rejected=rejected_list(result.get("rejected"))))
+        elif status == "failed":
+            outcomes.append(Outcome(d, "failed", f"gateway: {str(result.get('error'))[:200]}",
+                                    rejected=rejected_list(result.get("rejected"))))
+        else:
+            outcomes.append(Outcome(d, "retry", "batch answer did not cover this item"))
+    return outcomes
+
+
+# --- request bodies ---------------------------------------------------------------------------
+
+
+class Unsendable(Exception):
+    """This delivery cannot be sent as things stand: it fails for good, with this reason."""
+
+
+def device_of(pusher, data):
+    """The ``device`` object a gateway gets: pusher data without the url."""
+    return {"app_id": pusher.app_id, "pushkey": pusher.pushkey, "pushkey_ts": pusher.pushkey_ts,
+            "data": {k: v for k, v in data.items() if k != "url"}, "tweaks": {}}
+
+
+def request_for(pusher, notification, generations):
+    """(gateway URL, batch endpoint or None, notification body) for one delivery.
+
+    ``generations`` maps an encryption key id to (key_identifier, this month's generation).
+    """
+    data = json.loads(pusher.data)
+    url = data.get("url", "")
+    try:
+        check_gateway_url(url)
+    except ValidationError as e:
+        raise Unsendable(f"gateway URL not allowed: {e.messages}") from e
+    batch = url.endswith(BATCH_SUFFIX)
+    device = device_of(pusher, data)
+    body = {"prio": notification.prio}
+    if notification.counts:
+        body["counts"] = json.loads(notification.counts)
+    if pusher.encryption_key_id is not None:
+        if pusher.encryption_key_id not in generations:
+            raise Unsendable("the stored key cannot be opened (was the server key changed?)")
+        key_identifier, generation = generations[pusher.encryption_key_id]
+        body = {"ciphertext": crypto.seal(generation.aes_key, notification.payload.encode()),
+                "time_message_encrypted": generation.period,
+                "key_identifier": key_identifier, "identifier": notification.id, **body}
+        endpoint = "notifyEncrypted/batch"
+    else:
+        body = {"event_id": notification.id, "type": notification.channel, **body}
+        if data.get("format") != "event_id_only":
+            body["content"] = json.loads(notification.payload)
+        endpoint = "notify/batch"
+    if batch and endpoint == "notifyEncrypted/batch":
+        body["device"] = device
+    else:
+        body["devices"] = [device]
+    return url, endpoint if batch else None, body
+
+
+class Job:
+    """One gateway request and the deliveries it carries."""
+
+    def __init__(self, url, batch=False):
+        self.url = url
+        self.batch = batch
+        self.items = []  # (delivery, notification body)
+
+    @property
+    def deliveries(self):
+        return [d for d, _ in self.items]
+
+    @property
+    def host(self):
+        """The gateway's host and port, for logs."""
+        return self.url.split("/")[2] if "//" in self.url else "?"
+
+    def body(self):
+        """The JSON request body: a batch of items, or a single notification."""
+        if self.batch:
+            return {"notifications": [{"id": str(d.id), "notification": n} for d, n in self.items]}
+        return {"notification": self.items[0][1]}
+
+
+def group_into_jobs(requests):
+    """Jobs for (delivery, url, batch endpoint or None, body) tuples: one request per
+    single-notify delivery, batches of at most BATCH_SIZE per batch endpoint."""
+    single, batches = [], {}
+    for d, url, endpoint, body in requests:
+        if endpoint is None:
+            job = Job(url)
+            job.items.append((d, body))
+            single.append(job)
+            continue
+        group = batches.setdefault(url + endpoint, [])
+        if not group or len(group[-1].items) >= BATCH_SIZE:
+            group.append(Job(url + endpoint, batch=True))
+        group[-1].items.append((d, body))
+    return single + [job for group in batches.values() for job in group]
+
+
+# --- the HTTP client --------------------------------------------------------------------------
+
+
+class BlockedAddress(Exception):
+    """The gateway resolved to an address we may not connect to."""
+
+
+def address_allowed(ip):
+    """Only public unicast addresses, unless the operator allows private gateways."""
+    ip = ipaddress.ip_address(ip)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def guarded(connection_cls, allow_private):
+    """A urllib3 connection class that checks the resolved address before connecting."""
+
+    class Guarded(connection_cls):
+        def _new_conn(self):
+            try:
+                infos = socket.getaddrinfo(self._dns_host, self.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise NameResolutionError(self.host, self, e) from e
+            addresses = [info[4][0] for info in infos]
+            if not allow_private:
+                addresses = [a for a in addresses if address_allowed(a)]
+                if not addresses:
+                    raise BlockedAddress(f"{self.host} resolves only to non-public addresses")
+            try:
+                return urllib3_connection.create_connection(
+                    (addresses[0], self.port), self.timeout, socket_options=self.socket_options)
+            except socket.timeout as e:
+                raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from e
+            except OSError as e:
+                raise NewConnectionError(self, f"Failed to connect: {e}") from e
+
+    return Guarded
+
+
+class GatewayClient:
+    """POSTs JSON to gateways: pooled connections, timeouts, no redirects, capped responses."""
+
+    HEADERS = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
+
+    def __init__(self, config, pool_size):
+        allow_private = config["ALLOW_PRIVATE_GATEWAYS"]
+        self.timeout = urllib3.Timeout(connect=config["GATEWAY_CONNECT_TIMEOUT"],
+                                       read=config["GATEWAY_READ_TIMEOUT"])
+        self.max_response = config["GATEWAY_MAX_RESPONSE_BYTES"]
+        self.pools = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False)
+        http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,),
+                         {"ConnectionCls": guarded(HTTPConnection, allow_private)})
+        https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,),
+                          {"ConnectionCls": guarded(HTTPSConnection, allow_private)})
+        self.pools.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+
+    def post(self, url, body):
+        """Return (status, parsed JSON or None, Retry-After header or None).
+
+        Raises on network errors, a read that times out mid-answer included.
+        """
+        # headers= replaces the pool's headers for this request, so every header goes here.
+        response = self.pools.request(
+            "POST", url, body=json.dumps(body, separators=(",", ":")).encode(),
+            headers=self.HEADERS, redirect=False, retries=False, timeout=self.timeout,
+            preload_content=False)
+        complete = False
+        try:
+            data = response.read(self.max_response + 1)
+            complete = len(data) <= self.max_response
+        finally:
+            if not complete:  # broken off or too long: this connection cannot be reused
+                response.close()
+            response.release_conn()
+        try:
+            parsed = json.loads(data) if data and complete else None
+        except ValueError:
+            parsed = None
+        return response.status, parsed, response.headers.get("Retry-After")
+
+    def close(self):
+        """Close every pooled connection."""
+        self.pools.clear()

@@ -1,0 +1,19 @@
+"""gunicorn settings for production: ``gunicorn -c gunicorn.conf.py``.
+
+gunicorn also reads this file by itself when it is started from this folder. Settings given on
+the command line win over the ones here.
+"""
+
+wsgi_app = "app:create_app()"
+bind = "127.0.0.1:8000"
+workers = 4
+# gunicorn's control socket lives under $HOME/.gunicorn/ by default, shared by every gunicorn
+# on the machine; this service does not use it.
+control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Start this process's embedded delivery worker at boot, not at its first request."""
+    import delivery
+
+    delivery.serving(worker.wsgi)

@@ -1,0 +1,345 @@
+"""Helpers shared by the tests (fixtures are in conftest.py; real processes in servers.py).
+
+- ``Api``: the client and sender API through a Flask test client, with its paths in one place;
+- ``assert_error``: the one check of an error answer (SPEC section 3);
+- ``Gateway``: a real HTTP push gateway on 127.0.0.1, answering by magic pushkeys as Sygnal's
+  tests do: ``reject...`` comes back in ``rejected``; ``fail-N...`` gets 503 for its first N
+  requests, then 200; ``bad...`` gets 400 (a permanent failure); anything else 200;
+- the phone's side of the crypto (``phone_decrypt``), written again from SPEC section 4,
+  independent of crypto.py;
+- database peeks (``fetch``, ``instance_bytes``) and a worker driver (``drain``).
+"""
+
+import base64
+import json
+import os
+import struct
+import threading
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+import delivery
+from models import db
+
+ISS = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+
+#: Settings of every test app: no background worker, no rate limits, gateways on loopback.
+TEST_CONFIG = {
+    "TESTING": True,
+    "EMBEDDED_WORKER": False,
+    "RATE_LIMIT_ENABLED": False,
+    "ALLOW_HTTP_GATEWAYS": True,
+    "ALLOW_PRIVATE_GATEWAYS": True,
+    "RETRY_INITIAL_SECONDS": 0.0,
+}
+
+
+# --- request bodies -------------------------------------------------------------------------
+
+
+def pusher_body(pushkey="pk1", url="https://gw.example/_matrix/push/v1/notify", **extra):
+    """A valid POST /pushers/set body."""
+    body = {
+        "kind": "http",
+        "app_id": "com.example.app",
+        "pushkey": pushkey,
+        "app_display_name": "Example",
+        "device_display_name": "Phone",
+        "lang": "en",
+        "data": {"url": url},
+    }
+    body.update(extra)
+    return body
+
+
+def encryption(key_identifier="key-1", iss=ISS, period="2024-11"):
+    """A valid ``encryption`` object of a pusher."""
+    return {"method": "aes-hmac-sha256", "initial_key_period": period, "iss": iss,
+            "key_identifier": key_identifier}
+
+
+def bearer(token):
+    """The Authorization header of a token."""
+    return {"Authorization": "Bearer " + token}
+
+
+# --- the API ----------------------------------------------------------------------------------
+
+
+class Paths:
+    """Where the client and sender endpoints are."""
+
+    def __init__(self, pushers, pusher_set, channels, notifications, history):
+        self.pushers = pushers
+        self.pusher_set = pusher_set
+        self.channels = channels
+        self.notifications = notifications
+        self.history = history
+
+    def device(self, pushkey, encode=False):
+        """The channel states path of one device; the pushkey raw or percent-encoded."""
+        return f"{self.channels}/{quote(pushkey, safe='') if encode else pushkey}"
+
+
+PUSH_V1 = Paths("/push/v1/pushers", "/push/v1/pushers/set", "/push/v1/channels",
+                "/push/v1/notifications", "/push/v1/history")
+
+
+class Api:
+    """The client and sender API through a Flask test client.
+
+    Methods that return parsed data assert the answer was a success; methods named like the
+    request (``set_pusher``, ``set_channels``, ``send``) return the response itself.
+    """
+
+    def __init__(self, client, paths=PUSH_V1):
+        self.client = client
+        self.paths = paths
+
+    def pushers(self, headers):
+        """The caller's pushers (GET /pushers)."""
+        response = self.client.get(self.paths.pushers, headers=headers)
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["pushers"]
+
+    def pushkeys(self, headers):
+        """The pushkeys of the caller's pushers, oldest first."""
+        return [p["pushkey"] for p in self.pushers(headers)]
+
+    def set_pusher(self, headers, body):
+        """POST /pushers/set with ``body``; the response."""
+        return self.client.post(self.paths.pusher_set, json=body, headers=headers)
+
+    def register(self, headers, pushkey="pk1", **extra):
+        """Register a pusher (``pusher_body`` with ``extra``) and assert it worked."""
+        response = self.set_pusher(headers, pusher_body(pushkey, **extra))
+        assert response.status_code == 200, response.get_json()
+        return pushkey
+
+    def unregister(self, headers, pushkey="pk1", app_id="com.example.app"):
+        """Delete a pusher (kind null) and assert it worked."""
+        body = {"kind": None, "app_id": app_id, "pushkey": pushkey}
+        response = self.set_pusher(headers, body)
+        assert response.status_code == 200, response.get_json()
+
+    def channels(self, headers, pushkey, encode=False):
+        """{channel id: state} of one device (GET /channels/<pushkey>)."""
+        response = self.client.get(self.paths.device(pushkey, encode), headers=headers)
+        assert response.status_code == 200, response.get_json()
+        return {c["id"]: c["status"] for c in response.get_json()["channels"]}
+
+    def set_channels(self, headers, pushkey, *entries, encode=False):
+        """POST {"channels": [...]}; each entry a (name, value) pair or a ready dict."""
+        items = [e if isinstance(e, dict) else {"name": e[0], "value": e[1]} for e in entries]
+        return self.client.post(self.paths.device(pushkey, encode), headers=headers,
+                                json={"channels": items})
+
+    def send(self, headers, user="alice", channel="erp.task", payload=None, **extra):
+        """POST /notifications as a service; ``payload`` defaults to {"task": "42"}."""
+        body = {"user_id": user, "channel": channel,
+                "payload": payload if payload is not None else {"task": "42"}, **extra}
+        return self.client.post(self.paths.notifications, json=body, headers=headers)
+
+
+def assert_error(response, status, errcode):
+    """The response is a JSON error body with this status and errcode, never HTML; returns
+    its ``error`` text.
+
+    The body is exactly ``{"errcode", "error"}``, with ``retry_after_ms`` beside them on a 429.
+    """
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    assert b"<html" not in response.get_data().lower()
+    body = response.get_json()
+    assert body["errcode"] == errcode, body
+    extra = {"retry_after_ms"} if status == 429 else set()
+    assert set(body) == {"errcode", "error", *extra}, body
+    assert isinstance(body["error"], str) and body["error"]
+    return body["error"]
+
+
+def cli_token(runner, *args):
+    """Run a CLI command that prints a token on its last line; return the token."""
+    result = runner.invoke(args=list(args))
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+# --- the database -----------------------------------------------------------------------------
+
+
+def instance_bytes(app):
+    """Every byte of every file in the instance folder (database, WAL, lock files, key)."""
+    data = b""
+    for name in os.listdir(app.instance_path):
+        path = os.path.join(app.instance_path, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data += f.read()
+    return data
+
+
+def fetch(query):
+    """Run a peewee query on its own connection; return the rows as a list."""
+    with db.connection_context():
+        return list(query)
+
+
+def drain(app, worker, rounds=50):
+    """Run worker rounds until nothing is pending (retries are immediate in tests)."""
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        try:
+            for _ in range(rounds):
+                if not worker.run_once() and delivery.stats()["pending"] == 0:
+                    return
+            raise AssertionError(f"still pending after {rounds} rounds: {delivery.stats()}")
+        finally:
+            db.close()
+
+
+# --- the phone's side, from SPEC section 4 ----------------------------------------------------
+
+
+def months(start, end):
+    """Every "YYYY-MM" from start to end inclusive."""
+    year, month = map(int, start.split("-"))
+    out = []
+    while f"{year:04d}-{month:02d}" <= end:
+        out.append(f"{year:04d}-{month:02d}")
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return out
+
+
+def phone_key(iss_hex, initial_period, period):
+    """The AES key a phone derives for ``period``, ratcheting from its iss."""
+    ikm = bytes.fromhex(iss_hex)
+    for month in months(initial_period, period):
+        okm = HKDF(hashes.SHA256(), 64, salt=None, info=month.encode()).derive(ikm)
+        ikm, key = okm[:32], okm[32:]
+    return key
+
+
+def phone_decrypt(iss_hex, initial_period, notification):
+    """What the app does with an encrypted notification: returns the payload object."""
+    assert len(notification["ciphertext"]) == 1404
+    raw = base64.b64decode(notification["ciphertext"])
+    key = phone_key(iss_hex, initial_period, notification["time_message_encrypted"])
+    block = AESGCM(key).decrypt(raw[:12], raw[12:], None)
+    assert len(block) == 1024 and block[:4] == b"PNM1"
+    (padding,) = struct.unpack(">H", block[4:6])
+    assert block[6:6 + padding] == b" " * padding
+    return json.loads(block[6 + padding:])
+
+
+def this_month(offset=0):
+    """The UTC month ``offset`` months from now, as "YYYY-MM"."""
+    today = datetime.now(timezone.utc)
+    index = today.year * 12 + today.month - 1 + offset
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+# --- a push gateway ---------------------------------------------------------------------------
+
+
+class Gateway:
+    """A push gateway on 127.0.0.1 in a thread, recording every request it gets."""
+
+    def __init__(self, port=0):
+        self.requests = []  # (path, body)
+        self.headers = []  # the headers of each request, in the same order
+        self.lock = threading.Lock()
+        self.failures = {}
+        self.status_override = None
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length))
+                with gateway.lock:
+                    gateway.headers.append(dict(self.headers))
+                status, answer = gateway.answer(self.path, body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path="/_matrix/push/v1/notify"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def verdict(self, pushkey):
+        """What this gateway says of one pushkey: 'ok', 'reject', 'retry' or 'bad'."""
+        if pushkey.startswith("reject"):
+            return "reject"
+        if pushkey.startswith("bad"):
+            return "bad"
+        if pushkey.startswith("fail-"):
+            left = self.failures.setdefault(pushkey, int(pushkey.split("-")[1]))
+            if left > 0:
+                self.failures[pushkey] = left - 1
+                return "retry"
+        return "ok"
+
+    def answer(self, path, body):
+        with self.lock:
+            self.requests.append((path, body))
+            if self.status_override is not None:
+                return self.status_override, {"error": "forced"}
+            if path.endswith("/batch"):
+                results = []
+                for item in body["notifications"]:
+                    n = item["notification"]
+                    devices = [n["device"]] if "device" in n else n["devices"]
+                    verdicts = [self.verdict(d["pushkey"]) for d in devices]
+                    rejected = [d["pushkey"] for d, v in zip(devices, verdicts) if v == "reject"]
+                    status = ("failed" if "bad" in verdicts or "retry" in verdicts
+                              else "partial" if rejected else "success")
+                    result = {"id": item["id"], "status": status, "rejected": rejected}
+                    if status == "failed":
+                        result["error"] = "retry" if "retry" in verdicts else "bad pushkey"
+                    results.append(result)
+                if any(r["status"] == "failed" and r["error"] == "retry" for r in results):
+                    return 503, {"error": "try later"}
+                return 200, {"results": results, "summary": {"total": len(results)}}
+            devices = body["notification"]["devices"]
+            verdicts = [self.verdict(d["pushkey"]) for d in devices]
+            if "retry" in verdicts:
+                return 503, {"error": "try later"}
+            if "bad" in verdicts:
+                return 400, {"error": "bad pushkey"}
+            return 200, {"rejected": [d["pushkey"] for d, v in zip(devices, verdicts)
+                                      if v == "reject"]}
+
+    def notifications(self):
+        """Every notification object received, flattened out of batches."""
+        with self.lock:
+            out = []
+            for path, body in self.requests:
+                if "notifications" in body:
+                    out.extend(item["notification"] for item in body["notifications"])
+                else:
+                    out.append(body["notification"])
+            return out
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
