@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 5000
 
-.PHONY: run test worker bench clean
+.PHONY: run test test-postgres worker bench clean
 
 $(BIN)/activate: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(BIN)/activate
 
 test: $(BIN)/activate
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The same suite on a throwaway PostgreSQL cluster (needs the server binaries: apt-get install postgresql).
+test-postgres: $(BIN)/activate
+	$(BIN)/python -m pytest --engine postgresql $(PYTEST_ARGS)
 
 worker: $(BIN)/activate
 	$(BIN)/flask --app app worker

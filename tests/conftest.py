@@ -1,6 +1,11 @@
 """Fixtures: a fresh app on a temporary instance folder per test, its clients, users, a
 service, channels, a real HTTP push gateway on 127.0.0.1 and a throwaway PostgreSQL server.
 
+The whole suite runs on one database engine, chosen with ``--engine``: ``sqlite`` (the
+default: a file in each test's instance folder) or ``postgresql`` (``make test-postgres``: a
+throwaway cluster for the session and a fresh database for each test). Tests of what only one
+engine has are marked ``sqlite_only``; tests/test_postgres.py holds PostgreSQL's own.
+
 Helpers that are not fixtures live in support.py (in-process) and servers.py (processes).
 """
 
@@ -8,7 +13,8 @@ import itertools
 import os
 
 import pytest
-from servers import Cluster, Unavailable, server_binaries
+from peewee import SqliteDatabase
+from servers import Cluster, Unavailable, push_env, server_binaries
 from support import TEST_CONFIG, Api, Gateway, bearer, cli_token
 
 from app import create_app
@@ -17,23 +23,82 @@ from models import db
 _saved_environment = {}
 
 
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--engine", choices=ENGINES, default="sqlite",
+                     help="database engine the whole suite runs on (default: sqlite)")
+
+
 def pytest_configure(config):
     """The suite never inherits the developer's shell: no PUSH_* variable reaches an app (an
     exported PUSH_DATABASE_URL must never point the tests at a real database)."""
     for key in [k for k in os.environ if k.startswith("PUSH_")]:
         _saved_environment[key] = os.environ.pop(key)
+    config.addinivalue_line("markers", "sqlite_only: tests of what only the SQLite engine has")
+    config.engine_tests = {}  # database engine -> ids of the tests whose app ran on it
 
 
 def pytest_unconfigure(config):
     os.environ.update(_saved_environment)
 
 
+def pytest_report_header(config):
+    return f"database engine: {config.getoption('engine')}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("engine") != "sqlite":
+        skip = pytest.mark.skip(reason="SQLite only")
+        for item in items:
+            if "sqlite_only" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say how many tests really ran an app on each engine (not skipped for want of one)."""
+    counts = ", ".join(f"{engine} {len(ids)}" for engine, ids in sorted(config.engine_tests.items()))
+    terminalreporter.write_line(f"tests that ran an app, by database engine: {counts or 'none'}")
+
+
 @pytest.fixture
-def make_app(tmp_path):
-    """Factory for apps on this test's instance folder, with config overrides."""
+def database_url(request):
+    """This test's database URL: None on SQLite (the instance folder's file), else a fresh
+    PostgreSQL database."""
+    if request.config.getoption("engine") == "sqlite":
+        return None
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def database_settings(database_url):
+    """The settings that put an app or a server process on this test's database."""
+    return {"DATABASE_URL": database_url} if database_url else {}
+
+
+@pytest.fixture
+def make_app(request, tmp_path, database_settings):
+    """Factory for apps on this test's instance folder and database, with config overrides."""
 
     def make(**overrides):
-        return create_app({**TEST_CONFIG, **overrides}, instance_path=str(tmp_path / "instance"))
+        settings = {**TEST_CONFIG, **database_settings, **overrides}
+        app = create_app(settings, instance_path=str(tmp_path / "instance"))
+        engine = "sqlite" if isinstance(db.obj, SqliteDatabase) else "postgresql"
+        request.config.engine_tests.setdefault(engine, set()).add(request.node.nodeid)
+        return app
+
+    yield make
+    close_db()
+
+
+@pytest.fixture
+def server_env(database_settings):
+    """Factory: the environment of a server or CLI process on ``instance_path`` and this
+    test's database, with these settings (``servers.push_env``)."""
+
+    def make(instance_path, **settings):
+        return push_env(instance_path, **{**database_settings, **settings})
 
     return make
 
@@ -107,18 +172,25 @@ def gateway():
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
+def postgres_unavailable(request, reason):
+    """Skip a PostgreSQL test where no server can run, but fail the PostgreSQL suite."""
+    if request.config.getoption("engine") == "postgresql":
+        pytest.fail(f"--engine postgresql, but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
-def postgres():
+def postgres(request):
     """A throwaway PostgreSQL server for the session; the test skips where none can run."""
     bindir = server_binaries()
     if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb and pg_ctl not on PATH "
-                    "nor under /usr/lib/postgresql/*/bin)")
-    pytest.importorskip("psycopg2", reason="psycopg2 is not installed (psycopg2-binary)")
+        postgres_unavailable(request, "no PostgreSQL server binaries (initdb and pg_ctl not on "
+                                      "PATH nor under /usr/lib/postgresql/*/bin)")
     try:
+        import psycopg2  # noqa: F401
         cluster = Cluster(bindir)
-    except Unavailable as e:
-        pytest.skip(str(e))
+    except (ImportError, Unavailable) as e:
+        postgres_unavailable(request, str(e))
     try:
         cluster.start()
         yield cluster

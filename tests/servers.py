@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,27 @@ def push_env(instance_path, **settings):
     for key, value in settings.items():
         env["PUSH_" + key] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
+
+
+def query(env, sql, params=()):
+    """Rows of one read-only query on the database of a server's ``env`` (PostgreSQL when it
+    names a URL, else the instance folder's SQLite file), from outside the server. ``sql``
+    uses ``%s`` placeholders."""
+    url = env.get("PUSH_DATABASE_URL")
+    if url:
+        import psycopg2
+
+        connection = psycopg2.connect(url)
+    else:
+        path = os.path.join(env["PUSH_INSTANCE_PATH"], "push.sqlite3")
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        sql = sql.replace("%s", "?")
+    try:
+        cursor = connection.cursor()
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+    finally:
+        connection.close()
 
 
 def cli(env, *args, timeout=60):

@@ -7,7 +7,7 @@
   requests, then 200; ``bad...`` gets 400 (a permanent failure); anything else 200;
 - the phone's side of the crypto (``phone_decrypt``), written again from SPEC section 4,
   independent of crypto.py;
-- database peeks (``fetch``, ``instance_bytes``) and a worker driver (``drain``).
+- database peeks (``fetch``, ``stored_bytes``) and a worker driver (``drain``).
 """
 
 import base64
@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
@@ -23,8 +24,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from peewee import SqliteDatabase
+
 import delivery
-from models import db
+from models import MODELS, db
 
 ISS = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 
@@ -173,14 +176,21 @@ def cli_token(runner, *args):
 # --- the database -----------------------------------------------------------------------------
 
 
-def instance_bytes(app):
-    """Every byte of every file in the instance folder (database, WAL, lock files, key)."""
+def stored_bytes(app):
+    """Everything the app keeps: every byte of every file in the instance folder (SQLite
+    database, WAL, lock files, key) and, on PostgreSQL, every row of every table."""
     data = b""
     for name in os.listdir(app.instance_path):
         path = os.path.join(app.instance_path, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 data += f.read()
+    if not isinstance(db.obj, SqliteDatabase):
+        with app.app_context(), db.connection_context():
+            for model in MODELS:
+                for row in model.select().tuples():
+                    data += b"".join(bytes(v) if isinstance(v, (bytes, memoryview))
+                                     else str(v).encode() for v in row)
     return data
 
 
@@ -256,6 +266,7 @@ class Gateway:
         self.lock = threading.Lock()
         self.failures = {}
         self.status_override = None
+        self.delay = 0.0  # seconds each answer takes (requests are answered concurrently)
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -269,6 +280,7 @@ class Gateway:
                 body = json.loads(self.rfile.read(length))
                 with gateway.lock:
                     gateway.headers.append(dict(self.headers))
+                time.sleep(gateway.delay)
                 status, answer = gateway.answer(self.path, body)
                 data = json.dumps(answer).encode()
                 self.send_response(status)

@@ -3,7 +3,7 @@
 import hashlib
 
 import pytest
-from support import bearer, cli_token, fetch, instance_bytes, pusher_body
+from support import bearer, cli_token, fetch, stored_bytes, pusher_body
 
 from app import create_app
 from models import Channel, ChannelState, Notification, Pusher, Token, User
@@ -99,7 +99,7 @@ def test_tokens_are_stored_only_as_sha256_digests(app, client, alice, service, r
     register(alice)  # some traffic, so the WAL has seen writes too
     user_token = alice["Authorization"].split(" ", 1)[1]
     service_token = service["Authorization"].split(" ", 1)[1]
-    stored = instance_bytes(app)
+    stored = stored_bytes(app)
     assert b"com.example.app" in stored  # the scan does see the database's contents
     for token in (user_token, service_token):
         assert token.encode() not in stored

@@ -10,6 +10,7 @@ import sys
 from servers import ROOT
 
 from app import DEFAULTS
+from models import db
 
 
 def test_an_environment_variable_no_setting_reads_is_reported(make_app, monkeypatch, caplog):
@@ -62,3 +63,8 @@ def test_the_suite_never_inherits_push_variables_from_the_shell():
         timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+def test_the_suite_runs_on_the_engine_it_was_asked_for(app, request):
+    expected = {"sqlite": "SqliteDatabase", "postgresql": "PostgresqlDatabase"}
+    assert type(db.obj).__name__ == expected[request.config.getoption("engine")]

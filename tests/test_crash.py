@@ -8,14 +8,11 @@ Two gateways are out of order when the server dies:
 """
 
 import socket
-import sqlite3
 import time
 from collections import Counter
-from contextlib import closing
 
+from servers import Gunicorn, call, cli, cli_token, delivery_stats, free_port, query, wait_until
 from support import Gateway
-from servers import Gunicorn, call, cli, cli_token, delivery_stats, free_port, push_env, \
-    wait_until
 
 NOTIFICATIONS = 4
 
@@ -40,21 +37,17 @@ def notify(port, token, user_id, deliveries):
     return sent
 
 
-def deliveries(instance):
-    """{pushkey: [(attempts, lease held)]} read straight from the SQLite file."""
-    with closing(sqlite3.connect(f"file:{instance / 'push.sqlite3'}?mode=ro", uri=True,
-                                 timeout=30)) as database:
-        rows = database.execute(
-            "SELECT pushkey, attempts, lease_until > ? FROM delivery", (time.time(),))
-        out = {}
-        for pushkey, attempts, leased in rows:
-            out.setdefault(pushkey, []).append((attempts, bool(leased)))
-        return out
+def deliveries(env):
+    """{pushkey: [(attempts, lease held)]} read straight from the database."""
+    out = {}
+    for pushkey, attempts, leased in query(
+            env, "SELECT pushkey, attempts, lease_until > %s FROM delivery", (time.time(),)):
+        out.setdefault(pushkey, []).append((attempts, bool(leased)))
+    return out
 
 
-def test_deliveries_survive_a_killed_server_and_arrive_exactly_once(tmp_path):
-    instance = tmp_path / "instance"
-    env = push_env(instance, EMBEDDED_WORKER=True, ALLOW_PRIVATE_GATEWAYS=True,
+def test_deliveries_survive_a_killed_server_and_arrive_exactly_once(tmp_path, server_env):
+    env = server_env(tmp_path / "instance", EMBEDDED_WORKER=True, ALLOW_PRIVATE_GATEWAYS=True,
                    ALLOW_HTTP_GATEWAYS=True, RATE_LIMIT_ENABLED=False,
                    RETRY_INITIAL_SECONDS=0.2, RETRY_MAX_SECONDS=1, DELIVERY_LEASE_SECONDS=3,
                    WORKER_POLL_SECONDS=0.2, GATEWAY_CONNECT_TIMEOUT=0.5,
@@ -84,11 +77,11 @@ def test_deliveries_survive_a_killed_server_and_arrive_exactly_once(tmp_path):
 
             to_alice = notify(server.port, service, "alice", len(alice_pushers))
             wait_until(lambda: all(attempts > 0 for pushkey in alice_pushers
-                                   for attempts, _ in deliveries(instance).get(pushkey, [])),
+                                   for attempts, _ in deliveries(env).get(pushkey, [])),
                        60, "alice's deliveries to be tried against her gateway that is down")
             to_bob = notify(server.port, service, "bob", len(bob_pushers))
             wait_until(lambda: any(leased for pushkey in bob_pushers
-                                   for _, leased in deliveries(instance)[pushkey]),
+                                   for _, leased in deliveries(env)[pushkey]),
                        60, "some of bob's deliveries to be mid-send to his stalled gateway")
             server.kill()  # master and workers at once
         stalled.close()

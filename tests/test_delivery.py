@@ -9,7 +9,8 @@ import threading
 import time
 
 import pytest
-from support import ISS, Api, drain, encryption, fetch, phone_decrypt, phone_key, this_month
+from support import (ISS, Api, drain, encryption, fetch, phone_decrypt, phone_key, stored_bytes,
+                     this_month)
 
 import delivery
 from gateway import address_allowed
@@ -95,8 +96,7 @@ def test_ratchet_stores_only_the_current_generation(app, api, setup, service, re
         stored = app.extensions["push_server_key"].open_generation("kid-1", key.period,
                                                                    key.sealed)
     assert stored.aes_key == phone_key(ISS, initial, this_month())
-    with open(app.instance_path + "/push.sqlite3", "rb") as f:
-        raw = f.read()
+    raw = stored_bytes(app)
     assert bytes.fromhex(ISS) not in raw and ISS.encode() not in raw
     assert stored.aes_key not in raw and stored.secret not in raw
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from servers import Gunicorn, call, cli, cli_token, push_env, pushkey_path
+from servers import Gunicorn, call, cli, cli_token, pushkey_path
 
 THREADS = 16
 OPS_PER_THREAD = 24
@@ -21,8 +21,8 @@ GATEWAY = "http://127.0.0.1:9/_matrix/push/v1/notify"  # never called: no delive
 
 
 @pytest.fixture
-def env(tmp_path):
-    return push_env(tmp_path / "instance", RATE_LIMIT_ENABLED=False, EMBEDDED_WORKER=False,
+def env(tmp_path, server_env):
+    return server_env(tmp_path / "instance", RATE_LIMIT_ENABLED=False, EMBEDDED_WORKER=False,
                     ALLOW_HTTP_GATEWAYS=True)
 
 

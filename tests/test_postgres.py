@@ -1,21 +1,24 @@
-"""The app on a real PostgreSQL server: client API, sending and delivery, concurrent workers.
+"""What only PostgreSQL has: column types, ``FOR UPDATE SKIP LOCKED`` claims, racing requests.
 
-A throwaway cluster is started for this module (initdb + pg_ctl in a temporary folder,
-listening on 127.0.0.1 on a free port and on a unix socket in that folder) and stopped with
-``pg_ctl stop -m immediate`` afterwards. Every test gets a database of its own. Without the
-server binaries (``initdb``, ``pg_ctl`` on PATH or under /usr/lib/postgresql/*/bin) or without
-psycopg2 the module is skipped. initdb refuses to run as root, so as root the server runs as
-the ``postgres`` system user (``runuser``).
+Everything else (client API, sending, delivery, CLI, robustness) runs on PostgreSQL as the
+whole suite does with ``--engine postgresql`` (``make test-postgres``). These tests use the
+session's throwaway cluster (conftest ``postgres``; skipped where no server can run, under
+``make test``) and a database of their own each.
 """
 
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
 
-from support import ISS, Api, cli_token, drain, encryption, phone_decrypt, pusher_body, this_month
+from servers import BIN, ROOT, push_env, query, wait_until
+
+from support import Api, cli_token, encryption, pusher_body
 
 import delivery
-from models import ChannelState, Delivery, EncryptionKey, Notification, Pusher, db, purge_history
+from models import Delivery, Notification, db
 
 NOTIFY = "/_matrix/push/v1/notify"
 
@@ -111,236 +114,7 @@ def test_times_are_stored_exactly(pg_app):
     assert in_db(pg_app, round_trip) == (exact, exact + 0.5)
 
 
-# --- (a) the client API ----------------------------------------------------------------------
-
-
-def test_client_api(pg_app):
-    app, client = pg_app, pg_app.test_client()
-    api = Api(client)
-    auth = tokens(app, "alice", "bob")
-    alice, bob = auth["alice"], auth["bob"]
-    add_channel(app, "erp.task", "enabled")
-    add_channel(app, "erp.news", "disabled")
-
-    # register: plain and encrypted (a pushkey with / + =, as base64 ones have)
-    api.register(alice, "pk-plain", profile_tag="tag-1")
-    api.register(alice, "a/b+c=", encryption=encryption("kid-1"))
-    listed = client.get("/push/v1/pushers", headers=alice).get_json()["pushers"]
-    assert [p["pushkey"] for p in listed] == ["pk-plain", "a/b+c="]
-    assert listed[0]["profile_tag"] == "tag-1" and "encryption" not in listed[0]
-    assert listed[0]["data"] == {"url": "https://gw.example/_matrix/push/v1/notify"}
-    assert isinstance(listed[0]["pushkey_ts"], int)
-    assert listed[1]["encryption"] == {"method": "aes-hmac-sha256", "key_identifier": "kid-1"}
-    assert ISS not in str(listed)
-    assert api.pushkeys(bob) == []
-
-    # the stored key generation is bytea on PostgreSQL; it opens with the server key
-    key = in_db(app, lambda: EncryptionKey.get(EncryptionKey.key_identifier == "kid-1"))
-    generation = app.extensions["push_server_key"].open_generation("kid-1", key.period,
-                                                                   bytes(key.sealed))
-    assert generation.period == "2024-11"
-
-    # the same key_identifier with another iss is refused
-    other_iss = pusher_body("pk-x", encryption=encryption("kid-1", iss="ff" * 32))
-    refused = client.post("/push/v1/pushers/set", json=other_iss, headers=alice)
-    assert refused.status_code == 400 and refused.get_json()["errcode"] == "M_INVALID_PARAM"
-
-    # channels: catalogue, then a device's states; set, overwrite (upsert), clear
-    catalogue = client.get("/push/v1/channels", headers=alice).get_json()["channels"]
-    assert catalogue == [{"id": "erp.news", "status": "disabled"},
-                         {"id": "erp.task", "status": "enabled"}]
-    assert api.channels(alice, "pk-plain") == {"erp.news": "not_set",
-                                                          "erp.task": "not_set"}
-    assert api.set_channels(alice, "pk-plain", ("erp.news", "enabled"),
-                            ("erp.task", "disabled")).status_code == 200
-    assert api.channels(alice, "pk-plain") == {"erp.news": "enabled",
-                                                          "erp.task": "disabled"}
-    # ON CONFLICT DO UPDATE
-    assert api.set_channels(alice, "pk-plain", ("erp.news", "disabled")).status_code == 200
-    assert api.set_channels(alice, "pk-plain", ("erp.task", "not_set")).status_code == 200
-    assert api.channels(alice, "pk-plain") == {"erp.news": "disabled",
-                                                          "erp.task": "not_set"}
-    assert api.set_channels(alice, "a%2Fb%2Bc%3D", ("erp.task", "enabled")).status_code == 200
-    assert api.channels(alice, "a/b+c=")["erp.task"] == "enabled"
-    unknown = client.post("/push/v1/channels/pk-plain", headers=alice,
-                          json={"channels": [{"name": "erp.task", "value": "enabled"},
-                                             {"name": "nope", "value": "enabled"}]})
-    assert unknown.status_code == 400
-    assert api.channels(alice, "pk-plain")["erp.task"] == "not_set"  # all or nothing
-    assert client.get("/push/v1/channels/pk-plain", headers=bob).status_code == 404
-
-    # upsert: same (app_id, pushkey) updates in place; dropping encryption drops the key
-    api.register(alice, "pk-plain", device_display_name="Renamed")
-    api.register(alice, "a/b+c=")
-    listed = client.get("/push/v1/pushers", headers=alice).get_json()["pushers"]
-    assert [(p["pushkey"], p["device_display_name"]) for p in listed] == [
-        ("pk-plain", "Renamed"), ("a/b+c=", "Phone")]
-    assert "profile_tag" not in listed[0] and "encryption" not in listed[1]
-    assert in_db(app, lambda: EncryptionKey.select().count()) == 0
-
-    # append false (the default) takes the pushkey away from other users, with their states;
-    # append true leaves them alone
-    api.register(bob, "shared", encryption=encryption("kid-bob"))
-    assert api.set_channels(bob, "shared", ("erp.news", "enabled")).status_code == 200
-    api.register(alice, "shared", append=True)
-    assert api.pushkeys(bob) == ["shared"]
-    assert api.channels(bob, "shared")["erp.news"] == "enabled"
-    api.register(alice, "shared", append=False)
-    assert api.pushkeys(bob) == []
-    assert api.pushkeys(alice) == ["pk-plain", "a/b+c=", "shared"]
-    assert in_db(app, lambda: ChannelState.select().where(
-        ChannelState.pushkey == "shared").count()) == 0
-    assert in_db(app, lambda: EncryptionKey.select().count()) == 0
-
-    # kind null deletes; the device's channel states go with its last pusher
-    api.register(alice, "pk-plain", app_id="com.example.other")
-    api.unregister(alice, "pk-plain", app_id="com.example.app")
-    assert api.channels(alice, "pk-plain")["erp.news"] == "disabled"  # one left
-    api.unregister(alice, "pk-plain", app_id="com.example.other")
-    assert api.pushkeys(alice) == ["a/b+c=", "shared"]
-    assert client.get("/push/v1/channels/pk-plain", headers=alice).status_code == 404
-    assert in_db(app, lambda: ChannelState.select().where(
-        ChannelState.pushkey == "pk-plain").count()) == 0
-    # deleting what is not there is fine
-    api.unregister(alice, "pk-plain", app_id="com.example.app")
-
-    # the operator deletes a user with everything of theirs
-    result = app.test_cli_runner().invoke(args=["users", "delete", "alice"])
-    assert result.exit_code == 0, result.output
-    assert in_db(app, lambda: (Pusher.select().count(), ChannelState.select().count())) == (0, 0)
-    assert client.get("/push/v1/pushers", headers=alice).status_code == 401
-    assert client.get("/healthz").get_json() == {"status": "ok"}
-
-
-# --- (b) sending and delivery ----------------------------------------------------------------
-
-
-def test_sending_and_delivery(pg_app, gateway):
-    app, client = pg_app, pg_app.test_client()
-    api = Api(client)
-    auth = tokens(app, "alice", services=("erp", "crm"))
-    alice, erp, crm = auth["alice"], auth["erp"], auth["crm"]
-    add_channel(app, "erp.task", "enabled")
-    add_channel(app, "erp.news", "disabled")
-    answered = recording(gateway)
-
-    initial = this_month(-2)  # the worker ratchets two months and stores the new generation
-    api.register(alice, "phone-plain", url=gateway.url())
-    api.register(alice, "phone-enc", url=gateway.url(),
-                                          encryption=encryption("kid-1", ISS, initial))
-    api.register(alice, "fail-2-phone", url=gateway.url())
-    api.register(alice, "reject-phone", url=gateway.url())
-    api.register(alice, "batch-enc", url=gateway.url("/push/v1/"),
-                                          encryption=encryption("kid-2", ISS, initial))
-    api.register(alice, "batch-plain", url=gateway.url("/push/v1/"))
-    api.register(alice, "muted", url=gateway.url())
-    assert api.set_channels(alice, "reject-phone", ("erp.task", "enabled"),
-                            ("erp.news", "enabled")).status_code == 200
-    assert api.set_channels(alice, "muted", ("erp.task", "disabled")).status_code == 200
-    receivers = {"phone-plain", "phone-enc", "fail-2-phone", "reject-phone", "batch-enc",
-                 "batch-plain"}
-
-    # an identifier makes a send idempotent (per service)
-    first = api.send(erp, identifier="task-1", payload={"task": "1", "text": "Grüße"})
-    again = api.send(erp, identifier="task-1", payload={"task": "1", "text": "Grüße"})
-    assert first.status_code == again.status_code == 202
-    assert first.get_json() == again.get_json()
-    assert first.get_json()["deliveries"] == len(receivers)
-    other = api.send(crm, identifier="task-1", payload={"task": "2"}).get_json()
-    plain = api.send(erp, payload={"task": "3"}, prio="low", counts={"unread": 2}).get_json()
-    nobody = api.send(erp, user="nobody").get_json()
-    assert nobody["deliveries"] == 0
-    ids = [first.get_json()["notification_id"], other["notification_id"],
-           plain["notification_id"]]
-    assert len(set(ids)) == 3
-    assert in_db(app, lambda: Notification.select().count()) == 4
-    assert in_db(app, lambda: Delivery.select().where(Delivery.state == "pending").count()) == 18
-
-    worker = delivery.Worker(app)
-    try:
-        drain(app, worker)
-        rounds_after = len(gateway.requests)
-        drain(app, worker)  # nothing left: no more requests
-        assert len(gateway.requests) == rounds_after
-    finally:
-        worker.close()
-
-    # every delivery delivered, each accepted by the gateway exactly once
-    rows = in_db(app, lambda: list(Delivery.select()))
-    assert len(rows) == 18
-    assert {r.state for r in rows} == {"delivered"}
-    assert all(r.lease_owner is None and r.finished_at for r in rows)
-    expected = Counter({(n, pk): 1 for n in ids for pk in receivers})
-    assert accepted(answered) == expected
-    retried = [r for r in rows if r.pushkey == "fail-2-phone"]
-    assert sum(r.attempts for r in retried) == 3 + 2  # two 503s were absorbed by retries
-    assert all(r.attempts == 1 for r in rows if r.pushkey != "fail-2-phone")
-    assert not any(pk == "muted" for _, pk in accepted(answered))
-
-    # the rejected pushkey lost its pusher and its channel states; the rest stay
-    assert set(api.pushkeys(alice)) == receivers - {"reject-phone"} | {"muted"}
-    assert in_db(app, lambda: ChannelState.select().where(
-        ChannelState.pushkey == "reject-phone").count()) == 0
-
-    # encrypted deliveries decrypt on the phone after the ratchet; the key row moved on
-    notes = gateway.notifications()
-    sealed = [n for n in notes if "ciphertext" in n]
-    assert sealed and all(n["time_message_encrypted"] == this_month() for n in sealed)
-    by_id = {n["identifier"]: phone_decrypt(ISS, initial, n) for n in sealed}
-    assert by_id[ids[0]] == {"task": "1", "text": "Grüße"} and by_id[ids[2]] == {"task": "3"}
-    periods = in_db(app, lambda: {k.key_identifier: k.period for k in EncryptionKey.select()})
-    assert periods == {"kid-1": this_month(), "kid-2": this_month()}
-    plain_notes = [n for n in notes if n.get("event_id") == ids[2]]
-    assert all(n["prio"] == "low" and n["counts"] == {"unread": 2} and n["content"] ==
-               {"task": "3"} and n["type"] == "erp.task" for n in plain_notes)
-
-    # history on PostgreSQL: newest first, only the caller's
-    messages = client.get("/push/v1/history/device/phone-plain", headers=alice).get_json()
-    assert [m["identifier"] for m in messages["messages"]] == [ids[2], ids[1], ids[0]]
-    assert client.get(f"/push/v1/history/{ids[0]}", headers=alice).get_json() == {
-        "identifier": ids[0], "payload": {"task": "1", "text": "Grüße"}}
-    assert client.get(f"/push/v1/history/{nobody['notification_id']}",
-                      headers=alice).status_code == 404
-
-    out = app.test_cli_runner().invoke(args=["deliveries"]).output
-    assert "pending\t0" in out and "delivered\t18" in out and "failed\t0" in out
-
-    # purge: old notifications with nothing pending go, with their deliveries
-    def purge():
-        Notification.update(created_at=time.time() - 31 * 86400).where(
-            Notification.id == ids[0]).execute()
-        return purge_history(app.config["HISTORY_DAYS"]), Delivery.select().count()
-
-    assert in_db(app, purge) == (1, 12)
-    assert client.get(f"/push/v1/history/{ids[0]}", headers=alice).status_code == 404
-
-
-def test_failures_and_removed_pushers(pg_app, gateway):
-    app, client = pg_app, pg_app.test_client()
-    api = Api(client)
-    auth = tokens(app, "alice")
-    alice, erp = auth["alice"], auth["erp"]
-    add_channel(app, "erp.task", "enabled")
-    api.register(alice, "bad-phone", url=gateway.url())
-    api.register(alice, "gone-phone", url=gateway.url())
-    api.register(alice, "bad-batch", url=gateway.url("/push/v1/"))
-    api.send(erp)
-    api.unregister(alice, "gone-phone", app_id="com.example.app")
-    worker = delivery.Worker(app)
-    try:
-        drain(app, worker)
-    finally:
-        worker.close()
-    rows = in_db(app, lambda: {d.pushkey: d for d in Delivery.select()})
-    assert {k: d.state for k, d in rows.items()} == {
-        "bad-phone": "failed", "gone-phone": "failed", "bad-batch": "failed"}
-    assert "400" in rows["bad-phone"].last_error
-    assert rows["gone-phone"].pusher_id is None  # ON DELETE SET NULL
-    assert rows["bad-batch"].last_error.startswith("gateway:")
-    assert sorted(path for path, _ in gateway.requests) == [NOTIFY, "/push/v1/notify/batch"]
-
-
-# --- (c) concurrent workers: FOR UPDATE SKIP LOCKED ----------------------------------------
+# --- concurrent workers: FOR UPDATE SKIP LOCKED ----------------------------------------
 
 
 def queue(app, count_pushers=40, count_notifications=10, url=None):
@@ -463,6 +237,48 @@ def test_concurrent_workers_deliver_each_exactly_once(pg_app, gateway):
     counts = accepted(answered)
     assert len(counts) == total and set(counts.values()) == {1}
     assert len(answered) == total
+    states = in_db(pg_app, lambda: Counter(d.state for d in Delivery.select()))
+    assert states == {"delivered": total}
+
+
+def test_two_worker_processes_share_one_queue_and_survive_a_killed_one(pg_app, pg_url,
+                                                                       gateway, tmp_path):
+    # Several hosts, one queue: 2,000 deliveries, two `flask worker` processes, one killed
+    # outright midway. Each delivery arrives; twice only if it was in flight at the kill.
+    pg_app.config["MAX_PUSHERS_PER_USER"] = 200
+    total = queue(pg_app, count_pushers=200, count_notifications=10, url=gateway.url())
+    assert total == 2000
+    gateway.delay = 0.005  # so that the killed worker has requests in flight
+    env = push_env(pg_app.instance_path, DATABASE_URL=pg_url, ALLOW_HTTP_GATEWAYS=True,
+                   ALLOW_PRIVATE_GATEWAYS=True, WORKER_POLL_SECONDS=0.1,
+                   GATEWAY_CONNECT_TIMEOUT=1, GATEWAY_READ_TIMEOUT=2,
+                   DELIVERY_LEASE_SECONDS=5)
+    logs = [open(tmp_path / f"worker-{i}.log", "w") for i in range(2)]
+    workers = [subprocess.Popen([os.path.join(BIN, "flask"), "--app", "app", "worker"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+               for log in logs]
+    try:
+        wait_until(lambda: len(gateway.requests) >= 600, 120, "a third of the deliveries")
+        victim = workers[0]
+        victim.kill()
+        victim.wait(30)
+        in_flight = {(n, pushkey) for n, pushkey in query(
+            env, "SELECT notification_id, pushkey FROM delivery WHERE state = 'pending'"
+                 " AND lease_owner LIKE %s", (f"%:{victim.pid}:%",))}
+        wait_until(lambda: not query(env, "SELECT id FROM delivery WHERE state = 'pending'"),
+                   120, "the surviving worker to finish the queue")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)
+                worker.wait(30)
+        for log in logs:
+            log.close()
+    seen = Counter((n["event_id"], n["devices"][0]["pushkey"]) for n in gateway.notifications())
+    assert len(seen) == total
+    twice = {pair for pair, count in seen.items() if count > 1}
+    assert twice <= in_flight, twice - in_flight
+    assert all(count <= 2 for count in seen.values())
     states = in_db(pg_app, lambda: Counter(d.state for d in Delivery.select()))
     assert states == {"delivered": total}
 

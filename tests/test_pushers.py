@@ -6,7 +6,7 @@ import stat
 import time
 
 import pytest
-from support import ISS, Api, assert_error, encryption, fetch, instance_bytes, pusher_body
+from support import ISS, Api, assert_error, encryption, fetch, stored_bytes, pusher_body
 
 import app as app_module
 import crypto
@@ -480,7 +480,7 @@ def test_get_pushers_shows_only_method_and_key_identifier(client, alice, registe
 def test_the_iss_and_derived_keys_never_reach_the_instance_folder(app, client, alice, register):
     chain = next(c for c in CHAINS if c["iss"] == ISS)
     register(alice, "pk1", encryption=encryption("key-1", ISS, chain["initial_key_period"]))
-    stored = instance_bytes(app)
+    stored = stored_bytes(app)
     assert b"key-1" in stored and b"pk1" in stored  # the scan does see what was stored
     forbidden = {"iss": ISS}
     for generation in chain["generations"]:

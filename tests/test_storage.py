@@ -1,6 +1,10 @@
 """The SQLite settings that the durability and concurrency promises rest on."""
 
+import pytest
+
 from models import db
+
+pytestmark = pytest.mark.sqlite_only
 
 
 def pragma(name):

@@ -6,7 +6,7 @@ import signal
 import subprocess
 
 from support import Api, Gateway, cli_token, pusher_body
-from servers import BIN, ROOT, Gunicorn, push_env, wait_until
+from servers import BIN, ROOT, Gunicorn, wait_until
 
 import delivery
 from models import db
@@ -21,7 +21,7 @@ def start_worker(env, log_path):
         log.close()
 
 
-def test_two_worker_commands_deliver_everything_exactly_once(make_app, tmp_path):
+def test_two_worker_commands_deliver_everything_exactly_once(make_app, server_env, tmp_path):
     app = make_app(MAX_PUSHERS_PER_USER=100)
     client, runner = app.test_client(), app.test_cli_runner()
     alice = {"Authorization": "Bearer " + cli_token(runner, "users", "create", "alice")}
@@ -37,7 +37,7 @@ def test_two_worker_commands_deliver_everything_exactly_once(make_app, tmp_path)
             "user_id": "alice", "channel": "erp.task", "payload": {"n": n}}).get_json()[
             "notification_id"] for n in range(10)]
 
-        env = push_env(app.instance_path, ALLOW_HTTP_GATEWAYS=True,
+        env = server_env(app.instance_path, ALLOW_HTTP_GATEWAYS=True,
                        ALLOW_PRIVATE_GATEWAYS=True, WORKER_POLL_SECONDS=0.1, WORKER_CLAIM=15)
         workers = [start_worker(env, tmp_path / f"worker-{i}.log") for i in range(2)]
         try:
@@ -64,7 +64,8 @@ def test_two_worker_commands_deliver_everything_exactly_once(make_app, tmp_path)
         gateway.close()
 
 
-def test_gunicorn_workers_deliver_from_boot_without_waiting_for_a_request(make_app, tmp_path):
+def test_gunicorn_workers_deliver_from_boot_without_waiting_for_a_request(make_app, server_env,
+                                                                         tmp_path):
     # Deliveries queued while no server ran (say, before a crash) go out when gunicorn starts,
     # though no request ever reaches it: the worker starts at boot (gunicorn.conf.py).
     app = make_app()
@@ -76,7 +77,7 @@ def test_gunicorn_workers_deliver_from_boot_without_waiting_for_a_request(make_a
     try:
         api.register(alice, "phone-1", url=gateway.url())
         assert api.send(service).status_code == 202
-        env = push_env(app.instance_path, ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True,
+        env = server_env(app.instance_path, ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True,
                        EMBEDDED_WORKER=True, WORKER_POLL_SECONDS=0.1)
         with Gunicorn(env, workers=1, log_dir=tmp_path, probe=False) as server:
             wait_until(lambda: gateway.notifications(), 30, "the queued delivery to arrive")
