@@ -26,6 +26,7 @@ from werkzeug.routing import PathConverter
 import cli
 import crypto
 import delivery
+from gateway import log_safe
 from models import (
     Channel,
     ChannelState,
@@ -111,7 +112,7 @@ def create_app(test_config=None, instance_path=None):
     # (set before any rule is added: rules take the map's setting when they are bound).
     app.url_map.merge_slashes = False
     unread = configure(app, test_config)
-    setup_logging()
+    setup_logging(app)
     for name in unread:
         log.warning("%s, but no setting reads it", name)
 
@@ -189,17 +190,19 @@ def configure(app, test_config):
     return unread
 
 
-def setup_logging():
-    """Log to stderr at INFO (unless the host set up logging), pushkeys redacted, no SQL."""
+def setup_logging(app):
+    """Log to stderr at INFO (unless the host set up logging), no SQL; lines that carry a
+    request's path are escaped and have pushkeys shortened."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
     logging.getLogger("peewee").setLevel(logging.INFO)
-    for name in ("werkzeug", "gunicorn.access"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactPushkeys) for f in logger.filters):
-            logger.addFilter(RedactPushkeys())
+    # Flask's own logger writes "Exception on <path>" for a 500.
+    for logger in (logging.getLogger("werkzeug"), logging.getLogger("gunicorn.access"),
+                   app.logger):
+        if not any(isinstance(f, RequestLogFilter) for f in logger.filters):
+            logger.addFilter(RequestLogFilter())
 
 
 def normalize_config(config):
@@ -221,7 +224,11 @@ def normalize_config(config):
             raise RuntimeError(f"PUSH_{key}: cannot read {value!r} as {type(default).__name__}")
     allowlist = config["GATEWAY_ALLOWLIST"]
     if isinstance(allowlist, str):
-        config["GATEWAY_ALLOWLIST"] = [p.strip() for p in allowlist.split(",") if p.strip()]
+        config["GATEWAY_ALLOWLIST"] = allowlist = [p.strip() for p in allowlist.split(",")
+                                                   if p.strip()]
+    for prefix in allowlist:
+        if not re.match(r"https?://[^/?#]", prefix):
+            raise RuntimeError(f"PUSH_GATEWAY_ALLOWLIST: {prefix!r} is not an http(s) URL prefix")
     request_time = config["GATEWAY_CONNECT_TIMEOUT"] + config["GATEWAY_READ_TIMEOUT"]
     if config["DELIVERY_LEASE_SECONDS"] <= request_time:
         raise RuntimeError("PUSH_DELIVERY_LEASE_SECONDS must exceed PUSH_GATEWAY_CONNECT_TIMEOUT"
@@ -231,15 +238,18 @@ def normalize_config(config):
         raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
 
 
-class RedactPushkeys(logging.Filter):
-    """Shortens pushkeys in access-log request lines (they sit in some URL paths)."""
+class RequestLogFilter(logging.Filter):
+    """For log lines that carry a request's path (access logs, Flask's "Exception on"):
+    control characters escaped, so a request cannot forge a line, and pushkeys (they sit in
+    some paths) shortened."""
 
     PATTERN = re.compile(r"(/channels/|/history/device/)([^\s?\"]{6})[^\s?\"]*")
 
     def filter(self, record):
-        message = record.getMessage()
+        message = log_safe(record.getMessage())
         if "/channels/" in message or "/history/device/" in message:
-            record.msg, record.args = self.PATTERN.sub(r"\1\2…", message), ()
+            message = self.PATTERN.sub(r"\1\2…", message)
+        record.msg, record.args = message, ()
         return True
 
 
