@@ -86,6 +86,39 @@ def call(port, method, path, body=None, token=None, timeout=30):
         return response.status, raw.decode(errors="replace")
 
 
+def exchange(port, data, timeout=30, until_close=True):
+    """Send raw bytes to 127.0.0.1:port (for requests an HTTP client library would not make)
+    and return what comes back: all of it until the server closes the connection, or, without
+    ``until_close``, the first whole response."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+            if not until_close and response_complete(received):
+                break
+    return received
+
+
+def response_complete(raw):
+    """Whether ``raw`` holds a whole response with a Content-Length."""
+    head, separator, rest = raw.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    return bool(separator and length and len(rest) >= int(length.group(1)))
+
+
+def parse_response(raw):
+    """(status, {lower-case header: value}, JSON body, what follows) of the first HTTP
+    response in ``raw``."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":")
+                                                           for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    return status, headers, json.loads(rest[:length]) if length else None, rest[length:]
+
+
 def wait_until(condition, timeout, what, interval=0.1):
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
