@@ -133,6 +133,14 @@ def create_app(test_config=None, instance_path=None):
         if not db.is_closed():
             db.close()
 
+    @app.after_request
+    def no_sniffing_no_caching(response):
+        # Answers are JSON meant for one caller: never rendered as something else, never
+        # kept by a cache on the way.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     @app.get("/healthz")
     def healthz():
         """Liveness and database check."""
