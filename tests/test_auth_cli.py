@@ -206,6 +206,29 @@ def test_users_create_prints_the_token_alone_on_its_last_line(runner, client):
     assert client.get("/push/v1/pushers", headers=bearer(token)).status_code == 200
 
 
+@pytest.mark.parametrize("user_id, problem", [
+    ("", "Length must be between 1 and 255"),
+    ("u" * 256, "Length must be between 1 and 255"),
+    ("a\x00b", "NUL"),
+])
+def test_users_create_refuses_a_name_the_api_cannot_address(runner, user_id, problem):
+    result = runner.invoke(args=["users", "create", user_id])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    assert fetch(User.select()) == []
+
+
+def test_a_user_of_255_characters_is_made_and_the_api_reaches_them(runner, client, service,
+                                                                     channel):
+    name = "u" * 255
+    token = bearer(cli_token(runner, "users", "create", name))
+    assert client.get("/push/v1/pushers", headers=token).status_code == 200
+    channel("erp.task", default="enabled")
+    response = client.post("/push/v1/notifications", headers=service,
+                           json={"user_id": name, "channel": "erp.task", "payload": {}})
+    assert response.status_code == 202
+    assert fetch(Notification.select())[0].user_id is not None
+
+
 def test_users_create_of_an_existing_user_fails(runner, client, alice):
     result = runner.invoke(args=["users", "create", "alice"])
     assert result.exit_code != 0
@@ -310,6 +333,27 @@ def test_channels_add_with_default_and_description_then_list(runner, client, ali
     assert lines == ["erp.info\tdisabled\t", "erp.task\tenabled\tTasks to do"]
     assert client.get("/push/v1/channels", headers=alice).get_json() == {"channels": [
         {"id": "erp.info", "status": "disabled"}, {"id": "erp.task", "status": "enabled"}]}
+
+
+@pytest.mark.parametrize("channel_id, problem", [
+    ("", "Length must be between 1 and 255"),
+    ("c" * 256, "Length must be between 1 and 255"),
+    ("erp\x00task", "NUL"),
+])
+def test_channels_add_refuses_an_id_the_api_cannot_name(runner, channel_id, problem):
+    result = runner.invoke(args=["channels", "add", channel_id, "--default", "enabled"])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    assert fetch(Channel.select()) == []
+
+
+def test_a_channel_id_of_255_characters_is_added_and_the_api_names_it(runner, client, alice,
+                                                                      register):
+    channel_id = "c" * 255
+    assert runner.invoke(args=["channels", "add", channel_id]).exit_code == 0
+    register(alice)
+    response = client.post("/push/v1/channels/pk1", headers=alice,
+                           json={"channels": [{"name": channel_id, "value": "enabled"}]})
+    assert response.status_code == 200, response.get_json()
 
 
 def test_channels_add_refuses_an_unknown_default(runner):
