@@ -132,16 +132,19 @@ def wait_until(condition, timeout, what, interval=0.1):
 
 
 class Gunicorn:
-    """``gunicorn -w N 'app:create_app()'`` on a free loopback port, logging to a file.
+    """``gunicorn -c gunicorn.conf.py -w N`` (the shipped production settings) on a free
+    loopback port, logging to a file.
 
     Use it as a context manager: leaving the block always stops it.
     """
 
-    def __init__(self, env, workers, log_dir, name="gunicorn", probe=True):
+    def __init__(self, env, workers, log_dir, name="gunicorn", probe=True, args=()):
         """Start gunicorn and, with ``probe``, wait until /healthz answers (a request: a test
-        that must see the server act before any request passes ``probe=False``)."""
+        that must see the server act before any request passes ``probe=False``). ``args``
+        are more command-line options."""
         self.env = env
         self.workers = workers
+        self.args = list(args)
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.port = None
         self.process = None
@@ -159,8 +162,8 @@ class Gunicorn:
         self.port = free_port()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [os.path.join(BIN, "gunicorn"), "-w", str(self.workers), "--no-control-socket",
-                 "-b", f"{HOST}:{self.port}", "app:create_app()"],
+                [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py", "-w", str(self.workers),
+                 "-b", f"{HOST}:{self.port}", *self.args],
                 cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
 
