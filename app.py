@@ -4,6 +4,7 @@ Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app(
 operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.py``.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from flask_smorest import abort as smorest_abort
-from peewee import EXCLUDED, JOIN, IntegrityError, fn
+from peewee import EXCLUDED, JOIN, IntegrityError, SqliteDatabase, fn
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import PathConverter
 
@@ -117,12 +118,17 @@ def create_app(test_config=None, instance_path=None):
         log.warning("%s, but no setting reads it", name)
 
     url = app.config["DATABASE_URL"] or sqlite_path(app.instance_path)
-    db.initialize(open_database(url))
-    create_schema(os.path.join(app.instance_path, ".schema.lock"))
-    app.extensions["push_server_key"] = crypto.ServerKey.load(
-        app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
-    )
+    lock_path = os.path.join(app.instance_path, ".schema.lock")
+    with private_files():
+        db.initialize(open_database(url))
+        create_schema(lock_path)
+        app.extensions["push_server_key"] = crypto.ServerKey.load(
+            app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
+        )
     app.extensions["push_rate_limiter"] = RateLimiter()
+    warn_if_readable(app.instance_path, "the instance folder")
+    if isinstance(db.obj, SqliteDatabase):
+        warn_if_readable(db.obj.database, "the database")
 
     @app.before_request
     def open_connection():
@@ -183,7 +189,7 @@ def configure(app, test_config):
         API_SPEC_OPTIONS={"security": [{"bearer": []}]},
     )
     known = set(app.config)
-    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # when we make it, it is ours
     app.config.from_pyfile("config.py", silent=True)
     from_file = set(app.config) - known
     app.config.from_prefixed_env(prefix="PUSH")
@@ -196,6 +202,25 @@ def configure(app, test_config):
     unread += [f"environment variable {key} is set" for key in sorted(os.environ)
                if key.startswith("PUSH_") and key[5:] not in known | ENVIRONMENT_ONLY]
     return unread
+
+
+@contextlib.contextmanager
+def private_files():
+    """Files created inside are readable by their owner only (0600): the database (SQLite gives
+    its -wal and -shm files the database's mode), lock files, the server key."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def warn_if_readable(path, what):
+    """Warn at start when ``path`` can be read by group or others."""
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0
+    if mode & 0o044:
+        log.warning("%s %s can be read by group or others (mode %03o): chmod go-rwx it",
+                    what, path, mode)
 
 
 def setup_logging(app):
