@@ -5,13 +5,13 @@ operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.p
 """
 
 import contextlib
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
 import secrets
-import threading
 import time
 import uuid
 from collections import Counter
@@ -44,6 +44,7 @@ from models import (
     lock_user,
     now,
     open_database,
+    rate_counters,
     sqlite_path,
     token_digest,
     transaction,
@@ -86,6 +87,8 @@ DEFAULTS = {
     "RATE_LIMIT_ENABLED": True,
     "RATE_LIMIT_PER_MINUTE": 600,
     "SERVICE_RATE_LIMIT_PER_MINUTE": 6000,
+    "AUTH_FAILURES_PER_MINUTE": 30,
+    "TRUSTED_PROXIES": "",
     "GATEWAY_CONNECT_TIMEOUT": 5.0,
     "GATEWAY_READ_TIMEOUT": 10.0,
     "GATEWAY_MAX_RESPONSE_BYTES": 65536,
@@ -125,7 +128,9 @@ def create_app(test_config=None, instance_path=None):
         app.extensions["push_server_key"] = crypto.ServerKey.load(
             app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
         )
-    app.extensions["push_rate_limiter"] = RateLimiter()
+        if app.config["RATE_LIMIT_ENABLED"]:
+            app.extensions["push_rate_limits"] = RateLimits(app.config,
+                                                            rate_counters(url, lock_path))
     warn_if_readable(app.instance_path, "the instance folder")
     if isinstance(db.obj, SqliteDatabase):
         warn_if_readable(db.obj.database, "the database")
@@ -262,6 +267,7 @@ def normalize_config(config):
     for prefix in allowlist:
         if not re.match(r"https?://[^/?#]", prefix):
             raise RuntimeError(f"PUSH_GATEWAY_ALLOWLIST: {prefix!r} is not an http(s) URL prefix")
+    config["TRUSTED_PROXIES"] = trusted_networks(config["TRUSTED_PROXIES"])
     request_time = config["GATEWAY_CONNECT_TIMEOUT"] + config["GATEWAY_READ_TIMEOUT"]
     if config["DELIVERY_LEASE_SECONDS"] <= request_time:
         raise RuntimeError("PUSH_DELIVERY_LEASE_SECONDS must exceed PUSH_GATEWAY_CONNECT_TIMEOUT"
@@ -269,6 +275,17 @@ def normalize_config(config):
                            " be sending when its lease runs out")
     if config["ENCRYPTION"] not in ENCRYPTION_POLICIES:
         raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
+
+
+def trusted_networks(value):
+    """PUSH_TRUSTED_PROXIES (comma-separated addresses or networks) as a tuple of networks."""
+    if not isinstance(value, str):
+        return tuple(value)
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False)
+                     for item in value.split(",") if item.strip())
+    except ValueError as e:
+        raise RuntimeError(f"PUSH_TRUSTED_PROXIES: {e}")
 
 
 class RequestLogFilter(logging.Filter):
@@ -444,48 +461,93 @@ class PushBlueprint(Blueprint):
 # --- auth -----------------------------------------------------------------------------------
 
 
-class RateLimiter:
-    """A per-token budget per fixed one-minute window, per process (a guard, not a quota)."""
+class RateLimits:
+    """Per-minute budgets, shared by every process (the counters are ``models.rate_counters``):
+    requests per user and per service, whichever of their tokens they use, and failed
+    authentications per client address. A key's window opens with its first request and lasts
+    a minute: a guard, not a quota."""
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.windows = {}
+    def __init__(self, config, counters):
+        self.config = config
+        self.counters = counters
+        self.last_purge = 0.0
 
     def check(self, key, per_minute):
-        """Return the milliseconds to wait, or 0 when the request may go ahead."""
-        current = time.monotonic()
-        with self.lock:
-            start, count = self.windows.get(key, (current, 0))
-            if current - start >= 60:
-                start, count = current, 0
-            if count >= per_minute:
-                return int((start + 60 - current) * 1000) + 1
-            self.windows[key] = (start, count + 1)
-            if len(self.windows) > 100_000:
-                self.windows = {k: v for k, v in self.windows.items() if current - v[0] < 60}
-            return 0
+        """Count one request on ``key``; 429 when it is over ``per_minute`` in its window."""
+        current = time.time()
+        if current - self.last_purge >= 60:  # once a minute per process: drop closed windows
+            self.last_purge = current
+            self.counters.purge(current)
+        hits, started = self.counters.hit(key, current)
+        if hits > per_minute:
+            wait_ms = int((started + 60 - current) * 1000) + 1
+            abort(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=wait_ms)
+
+    def check_owner(self, row):
+        """Count a request of the user or service a valid token belongs to."""
+        if row.user_id is not None:
+            self.check(f"user:{row.user_id}", self.config["RATE_LIMIT_PER_MINUTE"])
+        else:
+            self.check(f"service:{row.service_id}", self.config["SERVICE_RATE_LIMIT_PER_MINUTE"])
+
+    def check_failure(self, req):
+        """Count a failed authentication of the request's client address."""
+        address = client_address(req, self.config["TRUSTED_PROXIES"])
+        self.check(f"address:{address}", self.config["AUTH_FAILURES_PER_MINUTE"])
+
+
+def client_address(req, trusted):
+    """Where a request comes from, as a rate-limit key: the peer address, or, when the peer is
+    a trusted proxy, the right-most X-Forwarded-For address that is not one. IPv6 clients
+    count by /64 (one host commonly holds a whole /64)."""
+    address = parse_address(req.remote_addr)
+    if address is None:
+        return log_safe(req.remote_addr)  # not an IP peer (a unix socket): one bucket
+    if any(address in network for network in trusted):
+        hops = ",".join(req.headers.getlist("X-Forwarded-For")).split(",")
+        for hop in reversed([hop.strip() for hop in hops if hop.strip()]):
+            forwarded = parse_address(hop)
+            if forwarded is None:
+                break  # not an address: what lies further left is anybody's word
+            address = forwarded
+            if not any(address in network for network in trusted):
+                break
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def parse_address(text):
+    """An IP address (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 def authenticate(kind):
-    """The user or service behind the bearer token; aborts with 401/403/429 otherwise."""
+    """The user or service behind the bearer token; aborts with 401/403/429 otherwise.
+
+    Every request with a valid token counts against its user's or service's budget; every
+    unknown token against its client address's budget of failures.
+    """
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         abort(401, "M_MISSING_TOKEN", "Missing access token")
-    digest = token_digest(token)
-    row = Token.get_or_none((Token.digest == digest) & Token.revoked_at.is_null())
+    limits = current_app.extensions.get("push_rate_limits")  # None: limits are off
+    row = Token.get_or_none((Token.digest == token_digest(token)) & Token.revoked_at.is_null())
     if row is None:
+        if limits:
+            limits.check_failure(request)
         abort(401, "M_UNKNOWN_TOKEN", "Unknown or revoked access token")
+    if limits:
+        limits.check_owner(row)
     owner_id = row.user_id if kind == "user" else row.service_id
     if owner_id is None:
         abort(403, "M_FORBIDDEN", f"This endpoint needs a {kind} token")
-    if current_app.config["RATE_LIMIT_ENABLED"]:
-        limit = current_app.config[
-            "RATE_LIMIT_PER_MINUTE" if kind == "user" else "SERVICE_RATE_LIMIT_PER_MINUTE"]
-        wait_ms = current_app.extensions["push_rate_limiter"].check(digest, limit)
-        if wait_ms:
-            abort(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=wait_ms)
     return owner_id
 
 

@@ -66,14 +66,19 @@ def pushkey_path(pushkey):
     return quote(pushkey, safe="")
 
 
-def call(port, method, path, body=None, token=None, timeout=30):
-    """One HTTP request to 127.0.0.1:port; return (status, the JSON body or raw text)."""
-    headers = {"Authorization": "Bearer " + token} if token else {}
+def call(port, method, path, body=None, token=None, timeout=30, headers=None, source=None):
+    """One HTTP request to 127.0.0.1:port, with more ``headers`` if given, from the address
+    ``source`` if given (any 127.x.y.z works on Linux); return (status, the JSON body or raw
+    text)."""
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = "Bearer " + token
     data = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout,
+                                            source_address=(source, 0) if source else None)
     try:
         connection.request(method, path, body=data, headers=headers)
         response = connection.getresponse()

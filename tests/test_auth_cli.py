@@ -134,11 +134,13 @@ def test_rate_limit_answers_429_with_retry_after(make_app, alice):
     assert 1 <= retry_after <= 60
 
 
-def test_rate_limit_is_per_token(make_app, alice, user_token):
+def test_rate_limit_is_per_user_whichever_token_they_use(make_app, runner, alice, user_token):
     bob = user_token("bob")
+    alice_again = bearer(cli_token(runner, "users", "token", "alice"))
     client = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=2).test_client()
-    for _ in range(2):
-        assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert client.get("/push/v1/pushers", headers=alice_again).status_code == 200
+    assert client.get("/push/v1/pushers", headers=alice_again).status_code == 429
     assert client.get("/push/v1/pushers", headers=alice).status_code == 429
     assert client.get("/push/v1/pushers", headers=bob).status_code == 200
 
