@@ -1,9 +1,10 @@
 """Helpers for the tests that run real processes on 127.0.0.1.
 
-A ``Gunicorn`` is a master with its workers in a process group of their own, so a test can stop
-it gently or kill all of it at once. ``cli`` runs ``flask --app app ...`` against the same
-instance folder, and ``call`` makes one JSON request. A ``Cluster`` is a throwaway PostgreSQL
-server.
+A ``Gunicorn`` is a master (with the shipped gunicorn.conf.py) and its workers in a process
+group of their own, so a test can stop it gently or kill all of it at once. ``cli`` runs
+``flask --app app ...`` against the same instance folder, ``call`` makes one JSON request and
+``exchange`` sends raw bytes (for requests a client library would not make). A ``Cluster`` is
+a throwaway PostgreSQL server.
 """
 
 import glob
