@@ -4,13 +4,14 @@ Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app(
 operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.py``.
 """
 
+import contextlib
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
 import secrets
-import threading
 import time
 import uuid
 from collections import Counter
@@ -19,13 +20,14 @@ from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from flask_smorest import abort as smorest_abort
-from peewee import EXCLUDED, JOIN, IntegrityError, fn
+from peewee import EXCLUDED, JOIN, IntegrityError, SqliteDatabase, fn
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import PathConverter
 
 import cli
 import crypto
 import delivery
+from gateway import log_safe
 from models import (
     Channel,
     ChannelState,
@@ -42,6 +44,7 @@ from models import (
     lock_user,
     now,
     open_database,
+    rate_counters,
     sqlite_path,
     token_digest,
     transaction,
@@ -84,6 +87,8 @@ DEFAULTS = {
     "RATE_LIMIT_ENABLED": True,
     "RATE_LIMIT_PER_MINUTE": 600,
     "SERVICE_RATE_LIMIT_PER_MINUTE": 6000,
+    "AUTH_FAILURES_PER_MINUTE": 30,
+    "TRUSTED_PROXIES": "",
     "GATEWAY_CONNECT_TIMEOUT": 5.0,
     "GATEWAY_READ_TIMEOUT": 10.0,
     "GATEWAY_MAX_RESPONSE_BYTES": 65536,
@@ -111,17 +116,24 @@ def create_app(test_config=None, instance_path=None):
     # (set before any rule is added: rules take the map's setting when they are bound).
     app.url_map.merge_slashes = False
     unread = configure(app, test_config)
-    setup_logging()
+    setup_logging(app)
     for name in unread:
         log.warning("%s, but no setting reads it", name)
 
     url = app.config["DATABASE_URL"] or sqlite_path(app.instance_path)
-    db.initialize(open_database(url))
-    create_schema(os.path.join(app.instance_path, ".schema.lock"))
-    app.extensions["push_server_key"] = crypto.ServerKey.load(
-        app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
-    )
-    app.extensions["push_rate_limiter"] = RateLimiter()
+    lock_path = os.path.join(app.instance_path, ".schema.lock")
+    with private_files():
+        db.initialize(open_database(url))
+        create_schema(lock_path)
+        app.extensions["push_server_key"] = crypto.ServerKey.load(
+            app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
+        )
+        if app.config["RATE_LIMIT_ENABLED"]:
+            app.extensions["push_rate_limits"] = RateLimits(app.config,
+                                                            rate_counters(url, lock_path))
+    warn_if_readable(app.instance_path, "the instance folder")
+    if isinstance(db.obj, SqliteDatabase):
+        warn_if_readable(db.obj.database, "the database")
 
     @app.before_request
     def open_connection():
@@ -131,6 +143,14 @@ def create_app(test_config=None, instance_path=None):
     def close_connection(exc):
         if not db.is_closed():
             db.close()
+
+    @app.after_request
+    def no_sniffing_no_caching(response):
+        # Answers are JSON meant for one caller: never rendered as something else, never
+        # kept by a cache on the way.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     @app.get("/healthz")
     def healthz():
@@ -174,7 +194,7 @@ def configure(app, test_config):
         API_SPEC_OPTIONS={"security": [{"bearer": []}]},
     )
     known = set(app.config)
-    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)  # when we make it, it is ours
     app.config.from_pyfile("config.py", silent=True)
     from_file = set(app.config) - known
     app.config.from_prefixed_env(prefix="PUSH")
@@ -189,17 +209,38 @@ def configure(app, test_config):
     return unread
 
 
-def setup_logging():
-    """Log to stderr at INFO (unless the host set up logging), pushkeys redacted, no SQL."""
+@contextlib.contextmanager
+def private_files():
+    """Files created inside are readable by their owner only (0600): the database (SQLite gives
+    its -wal and -shm files the database's mode), lock files, the server key."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def warn_if_readable(path, what):
+    """Warn at start when ``path`` can be read by group or others."""
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0
+    if mode & 0o044:
+        log.warning("%s %s can be read by group or others (mode %03o): chmod go-rwx it",
+                    what, path, mode)
+
+
+def setup_logging(app):
+    """Log to stderr at INFO (unless the host set up logging), no SQL; lines that carry a
+    request's path are escaped and have pushkeys shortened."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
     logging.getLogger("peewee").setLevel(logging.INFO)
-    for name in ("werkzeug", "gunicorn.access"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactPushkeys) for f in logger.filters):
-            logger.addFilter(RedactPushkeys())
+    # Flask's own logger writes "Exception on <path>" for a 500.
+    for logger in (logging.getLogger("werkzeug"), logging.getLogger("gunicorn.access"),
+                   app.logger):
+        if not any(isinstance(f, RequestLogFilter) for f in logger.filters):
+            logger.addFilter(RequestLogFilter())
 
 
 def normalize_config(config):
@@ -221,7 +262,12 @@ def normalize_config(config):
             raise RuntimeError(f"PUSH_{key}: cannot read {value!r} as {type(default).__name__}")
     allowlist = config["GATEWAY_ALLOWLIST"]
     if isinstance(allowlist, str):
-        config["GATEWAY_ALLOWLIST"] = [p.strip() for p in allowlist.split(",") if p.strip()]
+        config["GATEWAY_ALLOWLIST"] = allowlist = [p.strip() for p in allowlist.split(",")
+                                                   if p.strip()]
+    for prefix in allowlist:
+        if not re.match(r"https?://[^/?#]", prefix):
+            raise RuntimeError(f"PUSH_GATEWAY_ALLOWLIST: {prefix!r} is not an http(s) URL prefix")
+    config["TRUSTED_PROXIES"] = trusted_networks(config["TRUSTED_PROXIES"])
     request_time = config["GATEWAY_CONNECT_TIMEOUT"] + config["GATEWAY_READ_TIMEOUT"]
     if config["DELIVERY_LEASE_SECONDS"] <= request_time:
         raise RuntimeError("PUSH_DELIVERY_LEASE_SECONDS must exceed PUSH_GATEWAY_CONNECT_TIMEOUT"
@@ -231,15 +277,29 @@ def normalize_config(config):
         raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
 
 
-class RedactPushkeys(logging.Filter):
-    """Shortens pushkeys in access-log request lines (they sit in some URL paths)."""
+def trusted_networks(value):
+    """PUSH_TRUSTED_PROXIES (comma-separated addresses or networks) as a tuple of networks."""
+    if not isinstance(value, str):
+        return tuple(value)
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False)
+                     for item in value.split(",") if item.strip())
+    except ValueError as e:
+        raise RuntimeError(f"PUSH_TRUSTED_PROXIES: {e}")
+
+
+class RequestLogFilter(logging.Filter):
+    """For log lines that carry a request's path (access logs, Flask's "Exception on"):
+    control characters escaped, so a request cannot forge a line, and pushkeys (they sit in
+    some paths) shortened."""
 
     PATTERN = re.compile(r"(/channels/|/history/device/)([^\s?\"]{6})[^\s?\"]*")
 
     def filter(self, record):
-        message = record.getMessage()
+        message = log_safe(record.getMessage())
         if "/channels/" in message or "/history/device/" in message:
-            record.msg, record.args = self.PATTERN.sub(r"\1\2…", message), ()
+            message = self.PATTERN.sub(r"\1\2…", message)
+        record.msg, record.args = message, ()
         return True
 
 
@@ -309,6 +369,41 @@ def has_lone_surrogate(text, value):
     return False
 
 
+#: On answers that leave part of a body unread: where the next request starts is unknown.
+CLOSE = {"Connection": "close"}
+
+
+def read_body(req, limit):
+    """The whole request body, however it is framed (Content-Length or chunked).
+
+    More than ``limit`` bytes: 413 M_TOO_LARGE, before anything is parsed. Werkzeug's own
+    limit would cut a chunked body at the limit without a word, so we read one byte past it
+    from the server's de-chunked stream ourselves. A body the server cannot de-chunk is 400
+    M_NOT_JSON: there is no JSON document at all, let alone one of the wrong shape.
+    """
+    if req.content_length is not None and req.content_length > limit:
+        abort(413, "M_TOO_LARGE", f"The request body is larger than {limit} bytes")
+    # A server that frames the body itself (chunked; gunicorn always) says so with
+    # wsgi.input_terminated; otherwise werkzeug's stream stops at the Content-Length.
+    terminated = req.environ.get("wsgi.input_terminated")
+    stream = req.environ["wsgi.input"] if terminated else req.stream
+    data = bytearray()
+    try:
+        while len(data) <= limit:
+            chunk = stream.read(limit + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except Exception:  # the server's own error for broken framing: OSError, gunicorn's
+        # ParseException subclasses, werkzeug's ClientDisconnected
+        abort(400, "M_NOT_JSON", "The request body could not be read: broken chunked"
+                                 " encoding or cut short", headers=CLOSE)
+    if len(data) > limit:
+        abort(413, "M_TOO_LARGE", f"The request body is larger than {limit} bytes",
+              headers=CLOSE)
+    return bytes(data)
+
+
 class JSONBodyParser(FlaskParser):
     """Reads any request body as JSON (whatever its Content-Type) and maps errors to errcodes."""
 
@@ -316,7 +411,7 @@ class JSONBodyParser(FlaskParser):
     DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req):
-        data = req.get_data(cache=True)
+        data = read_body(req, current_app.config["MAX_BODY_BYTES"])
         if not data.strip():
             abort(400, "M_NOT_JSON", "The request body must be a JSON object")
         try:
@@ -366,48 +461,93 @@ class PushBlueprint(Blueprint):
 # --- auth -----------------------------------------------------------------------------------
 
 
-class RateLimiter:
-    """A per-token budget per fixed one-minute window, per process (a guard, not a quota)."""
+class RateLimits:
+    """Per-minute budgets, shared by every process (the counters are ``models.rate_counters``):
+    requests per user and per service, whichever of their tokens they use, and failed
+    authentications per client address. A key's window opens with its first request and lasts
+    a minute: a guard, not a quota."""
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.windows = {}
+    def __init__(self, config, counters):
+        self.config = config
+        self.counters = counters
+        self.last_purge = 0.0
 
     def check(self, key, per_minute):
-        """Return the milliseconds to wait, or 0 when the request may go ahead."""
-        current = time.monotonic()
-        with self.lock:
-            start, count = self.windows.get(key, (current, 0))
-            if current - start >= 60:
-                start, count = current, 0
-            if count >= per_minute:
-                return int((start + 60 - current) * 1000) + 1
-            self.windows[key] = (start, count + 1)
-            if len(self.windows) > 100_000:
-                self.windows = {k: v for k, v in self.windows.items() if current - v[0] < 60}
-            return 0
+        """Count one request on ``key``; 429 when it is over ``per_minute`` in its window."""
+        current = time.time()
+        if current - self.last_purge >= 60:  # once a minute per process: drop closed windows
+            self.last_purge = current
+            self.counters.purge(current)
+        hits, started = self.counters.hit(key, current)
+        if hits > per_minute:
+            wait_ms = int((started + 60 - current) * 1000) + 1
+            abort(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=wait_ms)
+
+    def check_owner(self, row):
+        """Count a request of the user or service a valid token belongs to."""
+        if row.user_id is not None:
+            self.check(f"user:{row.user_id}", self.config["RATE_LIMIT_PER_MINUTE"])
+        else:
+            self.check(f"service:{row.service_id}", self.config["SERVICE_RATE_LIMIT_PER_MINUTE"])
+
+    def check_failure(self, req):
+        """Count a failed authentication of the request's client address."""
+        address = client_address(req, self.config["TRUSTED_PROXIES"])
+        self.check(f"address:{address}", self.config["AUTH_FAILURES_PER_MINUTE"])
+
+
+def client_address(req, trusted):
+    """Where a request comes from, as a rate-limit key: the peer address, or, when the peer is
+    a trusted proxy, the right-most X-Forwarded-For address that is not one. IPv6 clients
+    count by /64 (one host commonly holds a whole /64)."""
+    address = parse_address(req.remote_addr)
+    if address is None:
+        return log_safe(req.remote_addr)  # not an IP peer (a unix socket): one bucket
+    if any(address in network for network in trusted):
+        hops = ",".join(req.headers.getlist("X-Forwarded-For")).split(",")
+        for hop in reversed([hop.strip() for hop in hops if hop.strip()]):
+            forwarded = parse_address(hop)
+            if forwarded is None:
+                break  # not an address: what lies further left is anybody's word
+            address = forwarded
+            if not any(address in network for network in trusted):
+                break
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+def parse_address(text):
+    """An IP address (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 def authenticate(kind):
-    """The user or service behind the bearer token; aborts with 401/403/429 otherwise."""
+    """The user or service behind the bearer token; aborts with 401/403/429 otherwise.
+
+    Every request with a valid token counts against its user's or service's budget; every
+    unknown token against its client address's budget of failures.
+    """
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         abort(401, "M_MISSING_TOKEN", "Missing access token")
-    digest = token_digest(token)
-    row = Token.get_or_none((Token.digest == digest) & Token.revoked_at.is_null())
+    limits = current_app.extensions.get("push_rate_limits")  # None: limits are off
+    row = Token.get_or_none((Token.digest == token_digest(token)) & Token.revoked_at.is_null())
     if row is None:
+        if limits:
+            limits.check_failure(request)
         abort(401, "M_UNKNOWN_TOKEN", "Unknown or revoked access token")
+    if limits:
+        limits.check_owner(row)
     owner_id = row.user_id if kind == "user" else row.service_id
     if owner_id is None:
         abort(403, "M_FORBIDDEN", f"This endpoint needs a {kind} token")
-    if current_app.config["RATE_LIMIT_ENABLED"]:
-        limit = current_app.config[
-            "RATE_LIMIT_PER_MINUTE" if kind == "user" else "SERVICE_RATE_LIMIT_PER_MINUTE"]
-        wait_ms = current_app.extensions["push_rate_limiter"].check(digest, limit)
-        if wait_ms:
-            abort(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=wait_ms)
     return owner_id
 
 

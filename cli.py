@@ -11,6 +11,7 @@ import functools
 import click
 from flask import current_app
 from flask.cli import AppGroup
+from marshmallow import ValidationError
 
 import delivery
 from models import (
@@ -25,6 +26,7 @@ from models import (
     revoke_tokens,
     transaction,
 )
+from schemas import NotificationRequestSchema
 
 
 def init_app(app):
@@ -50,6 +52,20 @@ def show_token(intro, token):
     click.echo(token)
 
 
+def api_value(field):
+    """A click callback that refuses what the sender API's ``field`` refuses (empty, too long,
+    NUL): a user or channel the API could never address is of no use."""
+    checked = NotificationRequestSchema().fields[field]
+
+    def check(ctx, param, value):
+        try:
+            return checked.deserialize(value)
+        except ValidationError as e:
+            raise click.BadParameter(" ".join(e.messages)) from e
+
+    return check
+
+
 def get_user(name):
     """The user called ``name``, or a clean command error."""
     user = User.get_or_none(User.name == name)
@@ -72,7 +88,7 @@ users = AppGroup("users", help="Manage users and their tokens.")
 
 
 @users.command("create")
-@click.argument("user_id")
+@click.argument("user_id", callback=api_value("user_id"))
 @with_database
 def users_create(user_id):
     """Create a user and print a new bearer token (last line)."""
@@ -166,7 +182,7 @@ channels = AppGroup("channels", help="Manage the channel catalogue.")
 
 
 @channels.command("add")
-@click.argument("channel_id")
+@click.argument("channel_id", callback=api_value("channel"))
 @click.option("--default", "default_status", type=click.Choice(["enabled", "disabled"]),
               help="State of devices that set none.  [new channel: disabled]")
 @click.option("--description", help="What the channel is for.")

@@ -11,6 +11,7 @@ encrypted at rest under a 256-bit key that lives outside the database.
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ HEADER_SIZE = len(MAGIC) + 2
 MAX_PAYLOAD_BYTES = BLOCK_SIZE - HEADER_SIZE
 NONCE_SIZE = 12
 SEALED_B64_LEN = 4 * ((NONCE_SIZE + BLOCK_SIZE + 16 + 2) // 3)
+
+log = logging.getLogger("push")
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,10 @@ class ServerKey:
             finally:
                 os.unlink(temporary)
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            if mode & 0o044:
+                log.warning("the server key %s can be read by group or others (mode %03o):"
+                            " chmod 600 it", path, mode)
             return cls(bytes.fromhex(f.read().decode().strip()))
 
     def iss_fingerprint(self, iss):

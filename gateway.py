@@ -2,12 +2,15 @@
 
 ``delivery.py`` decides *when* a delivery is sent and records what happened; this module knows
 *how*: the request body each gateway URL gets, the HTTP client that may call a URL a user chose
-(SSRF rules), and the mapping of a gateway's answer to one ``Outcome`` per delivery. Everything
-here is a plain function or a small class that tests can call directly, without a worker.
+(SSRF rules), and the mapping of a gateway's answer to one ``Outcome`` per delivery. Its two
+log helpers keep logs safe: ``redact`` shortens pushkeys, ``log_safe`` escapes what a user or
+a request chose. Everything here is a plain function or a small class that tests can call
+directly, without a worker.
 """
 
 import ipaddress
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -29,6 +32,16 @@ USER_AGENT = "push-service/1.0"
 def redact(pushkey):
     """A pushkey shortened for logs: never the whole of it."""
     return pushkey[:6] + "…" if len(pushkey) > 6 else "…"
+
+
+# C0 and C1 control characters, DEL and the Unicode line and paragraph separators.
+UNSAFE_FOR_LOGS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def log_safe(text):
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a value that came
+    from a request can neither start a forged log line nor drive a terminal."""
+    return UNSAFE_FOR_LOGS.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
 
 
 # --- outcomes ---------------------------------------------------------------------------------
@@ -159,8 +172,8 @@ class Job:
 
     @property
     def host(self):
-        """The gateway's host and port, for logs."""
-        return self.url.split("/")[2] if "//" in self.url else "?"
+        """The gateway's host and port, for logs (escaped: the URL came from a user)."""
+        return log_safe(self.url.split("/")[2]) if "//" in self.url else "?"
 
     def body(self):
         """The JSON request body: a batch of items, or a single notification."""
@@ -193,11 +206,34 @@ class BlockedAddress(Exception):
     """The gateway resolved to an address we may not connect to."""
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits: IPv4-compatible (deprecated),
+# IPv4-translated (SIIT) and the well-known NAT64 prefix. IPv4-mapped (::ffff:0:0/96) and 6to4
+# (2002::/16) have their own ipaddress properties.
+EMBEDDING_IPV4 = [ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96")]
+# Local-use NAT64 (RFC 8215): where it carries the IPv4 address depends on the local prefix
+# length, and IANA lists it as not globally reachable, so it is refused as a whole.
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip):
+    """The IPv4 address an IPv6 transition form carries, or None."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in network for network in EMBEDDING_IPV4):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def address_allowed(ip):
-    """Only public unicast addresses, unless the operator allows private gateways."""
+    """Only public unicast addresses, unless the operator allows private gateways; an IPv4
+    address inside an IPv6 transition form is judged as itself."""
     ip = ipaddress.ip_address(ip)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        if ip in LOCAL_NAT64:
+            return False
+        ip = embedded_ipv4(ip) or ip
     return ip.is_global and not ip.is_multicast
 
 

@@ -6,12 +6,16 @@ schema works on SQLite and PostgreSQL. On PostgreSQL the floats must be DOUBLE P
 unix time to 128 seconds. The integers are BIGINT so they outlive 2038.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import sqlite3
+import threading
 import time
+import weakref
 
 from peewee import (
     BigIntegerField,
@@ -262,3 +266,132 @@ def purge_history(days):
 def sqlite_path(instance_path):
     """The default database URL: a file in the instance folder."""
     return "sqlite:///" + os.path.join(instance_path, "push.sqlite3")
+
+
+# --- rate-limit counters --------------------------------------------------------------------
+
+# One row per key (a user, a service, a client address): when its one-minute window started
+# and the hits in it. One statement counts a hit and returns the window; a hit a minute or
+# more after the start opens a new window. (Both SET expressions see the row as it was.)
+COUNT_HIT = ("INSERT INTO rate_limit (key, started, hits) VALUES ({0}, {0}, 1)"
+             " ON CONFLICT (key) DO UPDATE SET"
+             " hits = CASE WHEN rate_limit.started > excluded.started - 60"
+             " THEN rate_limit.hits + 1 ELSE 1 END,"
+             " started = CASE WHEN rate_limit.started > excluded.started - 60"
+             " THEN rate_limit.started ELSE excluded.started END"
+             " RETURNING hits, started")
+PURGE_HITS = "DELETE FROM rate_limit WHERE started <= {0} - 60"
+
+
+def rate_counters(url, lock_path):
+    """Where rate-limit counts live, so that every process sees the same ones: an UNLOGGED
+    table on PostgreSQL, else a small SQLite file beside the schema lock. Set up once under
+    that lock."""
+    path = os.path.join(os.path.dirname(lock_path), "ratelimit.sqlite3")
+    counters = PostgresCounters() if url.startswith("postgres") else SqliteCounters(path)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if isinstance(counters, SqliteCounters):
+                remove_if_damaged(path)
+            counters.setup()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return counters
+
+
+def remove_if_damaged(path):
+    """Remove a counters file that a power cut damaged (written without fsync, it can be): its
+    counts are worth nothing, and a damaged file would fail every request."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            healthy = connection.execute("PRAGMA quick_check").fetchone() == ("ok",)
+    except sqlite3.DatabaseError:
+        healthy = False
+    if not healthy:
+        log.warning("rate-limit counters in %s are damaged; starting afresh", path)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
+
+
+class PostgresCounters:
+    """Counters in an UNLOGGED table of the app's database: shared by every host, and written
+    without WAL, so no hit waits for a disk."""
+
+    def setup(self):
+        """Create the table if it is missing."""
+        with db.connection_context():
+            db.execute_sql("CREATE UNLOGGED TABLE IF NOT EXISTS rate_limit (key TEXT PRIMARY KEY,"
+                           " started DOUBLE PRECISION NOT NULL, hits INTEGER NOT NULL)")
+
+    def hit(self, key, now):
+        """Count one hit on ``key`` at ``now``; return (hits in its window, window start)."""
+        return db.execute_sql(COUNT_HIT.format("%s"), (key, now)).fetchone()
+
+    def purge(self, now):
+        """Forget windows that are over at ``now``."""
+        db.execute_sql(PURGE_HITS.format("%s"), (now,))
+
+
+class SqliteCounters:
+    """Counters in a small SQLite file of their own, shared by the processes of one host.
+
+    A count lost in a crash costs nothing, so the file is written without fsync
+    (synchronous=OFF; WAL, which a crashed process cannot corrupt). Each statement runs under
+    an fcntl lock: waiting processes queue in the kernel and wake the moment it is free,
+    where SQLite's busy handler would sleep for milliseconds at a time.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()  # the threads of a process share one connection
+        self.pid = None
+        self.connection = self.lock_fd = None
+
+    def setup(self):
+        """Create the table if it is missing."""
+        self.run("CREATE TABLE IF NOT EXISTS rate_limit (key TEXT PRIMARY KEY,"
+                 " started REAL NOT NULL, hits INTEGER NOT NULL) WITHOUT ROWID")
+
+    def hit(self, key, now):
+        """Count one hit on ``key`` at ``now``; return (hits in its window, window start)."""
+        return self.run(COUNT_HIT.format("?"), (key, now))
+
+    def purge(self, now):
+        """Forget windows that are over at ``now``."""
+        self.run(PURGE_HITS.format("?"), (now,))
+
+    def run(self, sql, params=()):
+        """One statement under the file lock; its first row."""
+        with self.lock:
+            if self.pid != os.getpid():  # a connection never crosses a fork
+                self.open()
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+            try:
+                return self.connection.execute(sql, params).fetchone()
+            finally:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+    def open(self):
+        """This process's connection and lock file descriptor, closed with this object. Made
+        under the file lock too: switching to WAL needs a lock of SQLite's own."""
+        self.pid = os.getpid()
+        self.lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        try:
+            self.connection = sqlite3.connect(self.path, isolation_level=None,
+                                              check_same_thread=False)
+            self.connection.execute("PRAGMA journal_mode=wal")
+            self.connection.execute("PRAGMA synchronous=off")
+        finally:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+        weakref.finalize(self, close_counters, self.pid, self.connection, self.lock_fd)
+
+
+def close_counters(pid, connection, lock_fd):
+    """Close a SqliteCounters connection in the process that opened it (a forked child must
+    not close its parent's SQLite connection: that could checkpoint or remove its WAL)."""
+    if os.getpid() == pid:
+        connection.close()
+        os.close(lock_fd)

@@ -5,9 +5,10 @@ Unknown top-level keys are dropped (clients send extras); missing fields, wrong 
 values each map to their own errcode (SPEC section 3).
 """
 
+import ipaddress
 import json
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from flask import current_app
 from marshmallow import (
@@ -29,6 +30,14 @@ MAX_DATA_BYTES = 4096
 # trailing newline through.
 PERIOD = re.compile(r"^2[0-9]{3}-(0[1-9]|1[0-2])$")
 HEX256 = re.compile(r"^[0-9a-fA-F]{64}$")
+# Gateway URLs: the characters RFC 3986 lets a URL hold (anything else must be
+# percent-encoded), a DNS label (letters, digits, inner hyphens: RFC 1123), and what
+# normalising a URL needs (RFC 3986 section 6.2.2).
+URL_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+UNRESERVED = re.compile(r"[A-Za-z0-9\-._~]")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def compact_json(value):
@@ -262,24 +271,98 @@ class PusherSetSchema(ClientSchema):
 
 
 def check_gateway_url(url):
-    """Raise ValidationError unless ``url`` is a push gateway URL the operator allows."""
+    """Raise ValidationError unless ``url`` is a push gateway URL the operator allows.
+
+    Refused: what could never be requested as written (characters a URL may not hold, a host
+    that is not a DNS name or an IP address), credentials, fragments and dot segments, which
+    a gateway resolves and a prefix comparison does not (``/tenant-a/../tenant-b/``). The
+    allow-list is compared with the normalised URL (``normalise_url``).
+    """
     config = current_app.config
     error = lambda text: ValidationError(text, "url")  # noqa: E731
+    if not URL_CHARACTERS.fullmatch(url) or BAD_PERCENT.search(url):
+        raise error("Must be a URL as it goes on the wire: RFC 3986 characters only;"
+                    " percent-encode spaces, control characters and non-ASCII.")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
+        port = parts.port
     except ValueError:
         raise error("Not a valid URL.")
     schemes = ("https", "http") if config["ALLOW_HTTP_GATEWAYS"] else ("https",)
     if parts.scheme not in schemes:
         raise error("Must be an https URL." if parts.scheme != "https" else "Not a valid URL.")
-    if not parts.hostname or parts.username is not None or parts.fragment:
+    if not parts.hostname or "@" in parts.netloc or "#" in url:
         raise error("Must be an absolute URL with a host and no credentials or fragment.")
+    if not valid_host(parts) or port == 0:
+        raise error("The host must be a DNS name (an internationalised one in its xn-- form)"
+                    " or an IP address.")
+    if has_dot_segment(parts.path):
+        raise error("The path must not hold . or .. segments.")
     if not parts.path.endswith(GATEWAY_PATHS):
         raise error("Path must end in /_matrix/push/v1/notify, /push/v1/notify or /push/v1/.")
     allowlist = config["GATEWAY_ALLOWLIST"]
-    if allowlist and not any(allowed_by(prefix, url) for prefix in allowlist):
+    if allowlist and not any(allowed_by(normalise_url(urlsplit(prefix)), normalise_url(parts))
+                             for prefix in allowlist):
         raise error("This gateway is not on the server's allow-list.")
+
+
+
+def valid_host(parts):
+    """Whether the host of a split URL is a DNS name or an IP address we can connect to.
+
+    An internationalised name is taken in its ASCII (``xn--``) form only, and must decode as
+    IDNA. A name whose last label is all digits must be a dotted-quad IPv4 address: forms
+    such as ``2130706433`` or ``0x7f.1`` reach an address that nobody reading them expects.
+    """
+    host = parts.hostname
+    if "[" in parts.netloc:  # an IPv6 literal (urlsplit checked the brackets)
+        try:
+            return ipaddress.IPv6Address(host).scope_id is None
+        except ValueError:
+            return False  # an IPvFuture literal, or garbage
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(DNS_LABEL.fullmatch(label) for label in labels):
+        return False
+    if labels[-1].isdigit():
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+    try:
+        name.encode("ascii").decode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def has_dot_segment(path):
+    """Whether a URL path holds a ``.`` or ``..`` segment, also percent-encoded (``%2e``) or
+    behind an encoded slash (``..%2f``), which some servers decode before resolving."""
+    return any(segment in (".", "..") for segment in re.split(r"[/\\]", unquote(path)))
+
+
+def normalise_url(parts):
+    """A split URL in the form the allow-list is compared in: scheme and host in lower case,
+    no default port, percent-escapes in upper case and unreserved characters decoded
+    (RFC 3986 section 6.2.2)."""
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    port = parts.port
+    if port is not None and port != DEFAULT_PORTS.get(parts.scheme):
+        host += f":{port}"
+    url = f"{parts.scheme}://{host}{normalise_escapes(parts.path)}"
+    return url + f"?{normalise_escapes(parts.query)}" if parts.query else url
+
+
+
+def normalise_escapes(text):
+    """Percent-escapes in upper case; escaped unreserved characters decoded."""
+
+    def one(match):
+        char = chr(int(match.group()[1:], 16))
+        return char if UNRESERVED.fullmatch(char) else match.group().upper()
+
+    return re.sub(r"%[0-9A-Fa-f]{2}", one, text)
 
 
 def allowed_by(prefix, url):

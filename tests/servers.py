@@ -1,9 +1,10 @@
 """Helpers for the tests that run real processes on 127.0.0.1.
 
-A ``Gunicorn`` is a master with its workers in a process group of their own, so a test can stop
-it gently or kill all of it at once. ``cli`` runs ``flask --app app ...`` against the same
-instance folder, and ``call`` makes one JSON request. A ``Cluster`` is a throwaway PostgreSQL
-server.
+A ``Gunicorn`` is a master (with the shipped gunicorn.conf.py) and its workers in a process
+group of their own, so a test can stop it gently or kill all of it at once. ``cli`` runs
+``flask --app app ...`` against the same instance folder, ``call`` makes one JSON request and
+``exchange`` sends raw bytes (for requests a client library would not make). A ``Cluster`` is
+a throwaway PostgreSQL server.
 """
 
 import glob
@@ -88,14 +89,19 @@ def pushkey_path(pushkey):
     return quote(pushkey, safe="")
 
 
-def call(port, method, path, body=None, token=None, timeout=30):
-    """One HTTP request to 127.0.0.1:port; return (status, the JSON body or raw text)."""
-    headers = {"Authorization": "Bearer " + token} if token else {}
+def call(port, method, path, body=None, token=None, timeout=30, headers=None, source=None):
+    """One HTTP request to 127.0.0.1:port, with more ``headers`` if given, from the address
+    ``source`` if given (any 127.x.y.z works on Linux); return (status, the JSON body or raw
+    text)."""
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = "Bearer " + token
     data = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout,
+                                            source_address=(source, 0) if source else None)
     try:
         connection.request(method, path, body=data, headers=headers)
         response = connection.getresponse()
@@ -106,6 +112,39 @@ def call(port, method, path, body=None, token=None, timeout=30):
         return response.status, json.loads(raw) if raw else None
     except ValueError:
         return response.status, raw.decode(errors="replace")
+
+
+def exchange(port, data, timeout=30, until_close=True):
+    """Send raw bytes to 127.0.0.1:port (for requests an HTTP client library would not make)
+    and return what comes back: all of it until the server closes the connection, or, without
+    ``until_close``, the first whole response."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+            if not until_close and response_complete(received):
+                break
+    return received
+
+
+def response_complete(raw):
+    """Whether ``raw`` holds a whole response with a Content-Length."""
+    head, separator, rest = raw.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    return bool(separator and length and len(rest) >= int(length.group(1)))
+
+
+def parse_response(raw):
+    """(status, {lower-case header: value}, JSON body, what follows) of the first HTTP
+    response in ``raw``."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":")
+                                                           for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    return status, headers, json.loads(rest[:length]) if length else None, rest[length:]
 
 
 def wait_until(condition, timeout, what, interval=0.1):
@@ -121,16 +160,19 @@ def wait_until(condition, timeout, what, interval=0.1):
 
 
 class Gunicorn:
-    """``gunicorn -w N 'app:create_app()'`` on a free loopback port, logging to a file.
+    """``gunicorn -c gunicorn.conf.py -w N`` (the shipped production settings) on a free
+    loopback port, logging to a file.
 
     Use it as a context manager: leaving the block always stops it.
     """
 
-    def __init__(self, env, workers, log_dir, name="gunicorn", probe=True):
+    def __init__(self, env, workers, log_dir, name="gunicorn", probe=True, args=()):
         """Start gunicorn and, with ``probe``, wait until /healthz answers (a request: a test
-        that must see the server act before any request passes ``probe=False``)."""
+        that must see the server act before any request passes ``probe=False``). ``args``
+        are more command-line options."""
         self.env = env
         self.workers = workers
+        self.args = list(args)
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.port = None
         self.process = None
@@ -148,8 +190,8 @@ class Gunicorn:
         self.port = free_port()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [os.path.join(BIN, "gunicorn"), "-w", str(self.workers), "--no-control-socket",
-                 "-b", f"{HOST}:{self.port}", "app:create_app()"],
+                [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py", "-w", str(self.workers),
+                 "-b", f"{HOST}:{self.port}", *self.args],
                 cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
 

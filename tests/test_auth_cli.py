@@ -134,11 +134,13 @@ def test_rate_limit_answers_429_with_retry_after(make_app, alice):
     assert 1 <= retry_after <= 60
 
 
-def test_rate_limit_is_per_token(make_app, alice, user_token):
+def test_rate_limit_is_per_user_whichever_token_they_use(make_app, runner, alice, user_token):
     bob = user_token("bob")
+    alice_again = bearer(cli_token(runner, "users", "token", "alice"))
     client = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=2).test_client()
-    for _ in range(2):
-        assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert client.get("/push/v1/pushers", headers=alice_again).status_code == 200
+    assert client.get("/push/v1/pushers", headers=alice_again).status_code == 429
     assert client.get("/push/v1/pushers", headers=alice).status_code == 429
     assert client.get("/push/v1/pushers", headers=bob).status_code == 200
 
@@ -204,6 +206,29 @@ def test_users_create_prints_the_token_alone_on_its_last_line(runner, client):
     assert token == token.strip() and " " not in token and len(token) >= 32
     assert token not in result.output.strip().splitlines()[0]
     assert client.get("/push/v1/pushers", headers=bearer(token)).status_code == 200
+
+
+@pytest.mark.parametrize("user_id, problem", [
+    ("", "Length must be between 1 and 255"),
+    ("u" * 256, "Length must be between 1 and 255"),
+    ("a\x00b", "NUL"),
+])
+def test_users_create_refuses_a_name_the_api_cannot_address(runner, user_id, problem):
+    result = runner.invoke(args=["users", "create", user_id])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    assert fetch(User.select()) == []
+
+
+def test_a_user_of_255_characters_is_made_and_the_api_reaches_them(runner, client, service,
+                                                                     channel):
+    name = "u" * 255
+    token = bearer(cli_token(runner, "users", "create", name))
+    assert client.get("/push/v1/pushers", headers=token).status_code == 200
+    channel("erp.task", default="enabled")
+    response = client.post("/push/v1/notifications", headers=service,
+                           json={"user_id": name, "channel": "erp.task", "payload": {}})
+    assert response.status_code == 202
+    assert fetch(Notification.select())[0].user_id is not None
 
 
 def test_users_create_of_an_existing_user_fails(runner, client, alice):
@@ -310,6 +335,27 @@ def test_channels_add_with_default_and_description_then_list(runner, client, ali
     assert lines == ["erp.info\tdisabled\t", "erp.task\tenabled\tTasks to do"]
     assert client.get("/push/v1/channels", headers=alice).get_json() == {"channels": [
         {"id": "erp.info", "status": "disabled"}, {"id": "erp.task", "status": "enabled"}]}
+
+
+@pytest.mark.parametrize("channel_id, problem", [
+    ("", "Length must be between 1 and 255"),
+    ("c" * 256, "Length must be between 1 and 255"),
+    ("erp\x00task", "NUL"),
+])
+def test_channels_add_refuses_an_id_the_api_cannot_name(runner, channel_id, problem):
+    result = runner.invoke(args=["channels", "add", channel_id, "--default", "enabled"])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    assert fetch(Channel.select()) == []
+
+
+def test_a_channel_id_of_255_characters_is_added_and_the_api_names_it(runner, client, alice,
+                                                                      register):
+    channel_id = "c" * 255
+    assert runner.invoke(args=["channels", "add", channel_id]).exit_code == 0
+    register(alice)
+    response = client.post("/push/v1/channels/pk1", headers=alice,
+                           json={"channels": [{"name": channel_id, "value": "enabled"}]})
+    assert response.status_code == 200, response.get_json()
 
 
 def test_channels_add_refuses_an_unknown_default(runner):

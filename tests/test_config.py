@@ -25,7 +25,7 @@ def test_an_environment_variable_no_setting_reads_is_reported(make_app, monkeypa
 
 def test_a_config_file_name_no_setting_reads_is_reported(make_app, tmp_path, caplog):
     instance = tmp_path / "instance"
-    instance.mkdir()
+    instance.mkdir(mode=0o700)
     (instance / "config.py").write_text(
         "HISTORY_DAYS = 7\nHISTROY_DAYS = 3\nPUSH_RETRY_MAX_SECONDS = 5\nSECRET_KEY = 'x'\n")
     with caplog.at_level(logging.WARNING, logger="push"):

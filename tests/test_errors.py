@@ -183,6 +183,35 @@ def test_every_error_response_is_json_with_errcode_and_error(client, alice, serv
         assert isinstance(body["error"], str) and body["error"]
 
 
+def test_every_answer_forbids_sniffing_and_caching(make_app, alice, service, channel, register):
+    channel("erp.task", default="enabled")
+    register(alice)
+    app = make_app(TESTING=False, MAX_BODY_BYTES=2000, RATE_LIMIT_ENABLED=True,
+                   RATE_LIMIT_PER_MINUTE=5)  # alice's sixth counted request is a 429
+    app.add_url_rule("/explode", "explode", lambda: 1 / 0)
+    client = app.test_client()
+    responses = {
+        "200 list": client.get("/push/v1/pushers", headers=alice),
+        "200 set": client.post(SET, json=pusher_body("pk2"), headers=alice),
+        "200 channels": client.get("/push/v1/channels/pk1", headers=alice),
+        "202 send": client.post("/push/v1/notifications", headers=service,
+                                json={"user_id": "alice", "channel": "erp.task", "payload": {}}),
+        "200 healthz": client.get("/healthz"),
+        "401": client.get("/push/v1/pushers"),
+        "403": client.get("/push/v1/pushers", headers=service),
+        "400": client.post(SET, data=b"x", headers=alice),
+        "404": client.get("/push/v1/missing", headers=alice),
+        "405": client.patch("/push/v1/pushers", headers=alice),
+        "413": client.post(SET, data=b" " * 3000, headers=alice),
+        "429": client.get("/push/v1/pushers", headers=alice),
+        "500": client.get("/explode"),
+    }
+    for name, response in responses.items():
+        assert str(response.status_code) == name.split()[0], (name, response.get_json())
+        assert response.headers["X-Content-Type-Options"] == "nosniff", name
+        assert response.headers["Cache-Control"] == "no-store", name
+
+
 def test_openapi_declares_bearer_auth_once_and_its_errors_on_every_operation(client):
     spec = client.get("/openapi.json").get_json()
     assert spec["security"] == [{"bearer": []}]
