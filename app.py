@@ -462,7 +462,7 @@ def register_key(encryption):
         if not secrets.compare_digest(key.iss_fingerprint, fingerprint):
             abort(400, "M_INVALID_PARAM", "key_identifier is already in use with a different iss")
         return key
-    generation = crypto.first_generation(iss, encryption["initial_key_period"])
+    generation = crypto.first_generation(iss, encryption["time_iss_created"])
     return EncryptionKey.create(
         key_identifier=key_identifier,
         iss_fingerprint=fingerprint,

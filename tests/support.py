@@ -58,8 +58,8 @@ def pusher_body(pushkey="pk1", url="https://gw.example/_matrix/push/v1/notify", 
 
 
 def encryption(key_identifier="key-1", iss=ISS, period="2024-11"):
-    """A valid ``encryption`` object of a pusher."""
-    return {"method": "aes-hmac-sha256", "initial_key_period": period, "iss": iss,
+    """A valid ``encryption`` object of a pusher, as upstream-latest names its fields."""
+    return {"method": "aes-hmac-sha256", "time_iss_created": period, "iss": iss,
             "key_identifier": key_identifier}
 
 

@@ -312,8 +312,11 @@ def test_openapi_request_schemas_state_the_hidden_rules(spec):
     assert pusher_set["app_id"]["pattern"] == "^[^\\u0000]*$"
     assert {"required": ["app_display_name", "device_display_name", "lang", "data"]} in (
         schemas["PusherSet"]["anyOf"])
-    assert schemas["Encryption"]["anyOf"] == [{"required": ["initial_key_period"]},
-                                              {"required": ["time_iss_created"]}]
+    encryption = schemas["Encryption"]
+    assert encryption["anyOf"] == [{"required": ["time_iss_created"]},
+                                   {"required": ["initial_key_period"]}]
     assert len(schemas["ChannelChange"]["allOf"]) == 2
-    assert schemas["Encryption"]["properties"]["initial_key_period"]["pattern"].startswith(
-        "^2[0-9]{3}-")
+    for name in ("time_iss_created", "initial_key_period"):
+        assert encryption["properties"][name]["pattern"].startswith("^2[0-9]{3}-")
+    assert encryption["properties"]["initial_key_period"]["deprecated"] is True
+    assert "deprecated" not in encryption["properties"]["time_iss_created"]
