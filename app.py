@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 
+import flask
 from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
@@ -142,6 +143,7 @@ def create_app(test_config=None, instance_path=None):
     api = PushApi(app)
     for blueprint in (pushers_blp, channels_blp, notifications_blp, history_blp):
         api.register_blueprint(blueprint, url_prefix=PREFIX)
+    app.register_blueprint(seed_era_blp)  # through Flask, not the Api: left out of the docs
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     for name, constraints in SCHEMA_CONSTRAINTS.items():
         api.spec.components.schemas[name].update(constraints)
@@ -234,7 +236,7 @@ def normalize_config(config):
 class RedactPushkeys(logging.Filter):
     """Shortens pushkeys in access-log request lines (they sit in some URL paths)."""
 
-    PATTERN = re.compile(r"(/channels/|/history/device/)([^\s?\"]{6})[^\s?\"]*")
+    PATTERN = re.compile(r"(/channels/(?:v1/)?|/history/device/)([^\s?\"]{6})[^\s?\"]*")
 
     def filter(self, record):
         message = record.getMessage()
@@ -762,3 +764,23 @@ class DeviceHistory(MethodView):
         if not messages:
             own_device_or_404(user_id, pushkey)
         return {"messages": messages}
+
+
+# --- seed-era paths ---------------------------------------------------------------------------
+
+#: The client API under the paths of the seed's fd_openapi.yaml, which real clients (the
+#: E-Rezept server and apps) still call: the same views, so the same behaviour, auth and errors.
+SEED_ERA_ROUTES = (
+    ("/pushers/v1", Pushers),
+    ("/pushers/v1/set", PusherSet),
+    ("/channels/v1", Channels),
+    ("/channels/v1/<pushkey:pushkey>", DeviceChannels),
+)
+
+# A plain Flask blueprint: flask-smorest documents only what goes through its Api, and the
+# OpenAPI document describes each operation once, under /push/v1 (the seed's own YAML
+# describes these paths for the clients that use them).
+seed_era_blp = flask.Blueprint("seed_era", __name__)
+seed_era_blp.before_request(lambda: authenticate_first("user"))
+for rule, view in SEED_ERA_ROUTES:
+    seed_era_blp.add_url_rule(rule, view_func=view.as_view(view.__name__), merge_slashes=False)

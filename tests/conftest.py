@@ -2,6 +2,10 @@
 service, channels, a real HTTP push gateway on 127.0.0.1 and a throwaway PostgreSQL server.
 
 Helpers that are not fixtures live in support.py (in-process) and servers.py (processes).
+
+A module marked ``client_api`` runs each test that uses the client API paths (the ``paths``
+fixture, directly or through ``api``, ``make_api`` or ``register``) once per path set of
+``support.PATH_SETS``: under /push/v1 and under the seed-era paths.
 """
 
 import itertools
@@ -9,7 +13,7 @@ import os
 
 import pytest
 from servers import Cluster, Unavailable, server_binaries
-from support import TEST_CONFIG, Api, Gateway, bearer, cli_token
+from support import PATH_SETS, PUSH_V1, TEST_CONFIG, Api, Gateway, bearer, cli_token
 
 from app import create_app
 from models import db
@@ -22,6 +26,15 @@ def pytest_configure(config):
     exported PUSH_DATABASE_URL must never point the tests at a real database)."""
     for key in [k for k in os.environ if k.startswith("PUSH_")]:
         _saved_environment[key] = os.environ.pop(key)
+    config.addinivalue_line("markers", "client_api: run the module's tests that use the client"
+                                       " API paths once per path set (/push/v1, seed-era)")
+
+
+def pytest_generate_tests(metafunc):
+    """In a ``client_api`` module, every test that uses ``paths`` runs once per path set."""
+    if "paths" in metafunc.fixturenames and metafunc.definition.get_closest_marker("client_api"):
+        metafunc.parametrize("paths", list(PATH_SETS.values()), ids=list(PATH_SETS),
+                             indirect=True)
 
 
 def pytest_unconfigure(config):
@@ -49,9 +62,25 @@ def client(app):
 
 
 @pytest.fixture
-def api(client):
+def paths(request):
+    """Where the client API is (support.Paths): /push/v1, or each path set in turn."""
+    return getattr(request, "param", PUSH_V1)
+
+
+@pytest.fixture
+def api(client, paths):
     """The client and sender API of the test app (support.Api)."""
-    return Api(client)
+    return Api(client, paths)
+
+
+@pytest.fixture
+def make_api(make_app, paths):
+    """A factory: the API (support.Api) of a new app with config overrides."""
+
+    def make(**overrides):
+        return Api(make_app(**overrides).test_client(), paths)
+
+    return make
 
 
 @pytest.fixture

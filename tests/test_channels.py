@@ -1,11 +1,12 @@
-"""GET /push/v1/channels and GET/POST /push/v1/channels/<pushkey> (SPEC section 1)."""
+"""GET /channels and GET/POST /channels/<pushkey> (SPEC section 1); each test under /push/v1
+and under the seed-era paths (/channels/v1, /channels/v1/<pushtoken>)."""
 
 import pytest
-from support import assert_error
+from support import assert_error, fetch
 
-from models import ChannelState, db
+from models import ChannelState, Delivery, db
 
-CATALOGUE = "/push/v1/channels"
+pytestmark = pytest.mark.client_api
 
 
 def stored_states():
@@ -25,8 +26,8 @@ def catalogue(channel):
 # --- the catalogue --------------------------------------------------------------------------
 
 
-def test_catalogue_lists_every_channel_with_its_default(client, alice, catalogue):
-    response = client.get(CATALOGUE, headers=alice)
+def test_catalogue_lists_every_channel_with_its_default(client, paths, alice, catalogue):
+    response = client.get(paths.channels, headers=alice)
     assert response.status_code == 200
     assert response.get_json() == {"channels": [
         {"id": "a", "status": "disabled"},
@@ -35,14 +36,14 @@ def test_catalogue_lists_every_channel_with_its_default(client, alice, catalogue
     ]}
 
 
-def test_catalogue_default_is_disabled_unless_set(client, alice, runner):
+def test_catalogue_default_is_disabled_unless_set(client, paths, alice, runner):
     assert runner.invoke(args=["channels", "add", "plain"]).exit_code == 0
-    assert client.get(CATALOGUE, headers=alice).get_json() == {
+    assert client.get(paths.channels, headers=alice).get_json() == {
         "channels": [{"id": "plain", "status": "disabled"}]}
 
 
-def test_catalogue_is_empty_out_of_the_box(client, alice):
-    assert client.get(CATALOGUE, headers=alice).get_json() == {"channels": []}
+def test_catalogue_is_empty_out_of_the_box(client, paths, alice):
+    assert client.get(paths.channels, headers=alice).get_json() == {"channels": []}
 
 
 def test_catalogue_needs_no_pusher_and_ignores_device_states(api, client, alice, user_token,
@@ -52,7 +53,7 @@ def test_catalogue_needs_no_pusher_and_ignores_device_states(api, client, alice,
     assert api.set_channels(alice, "pk1", ("a", "enabled")).status_code == 200
     expected = {"a": "disabled", "b": "enabled", "c": "disabled"}
     for headers in (alice, bob):
-        listed = client.get(CATALOGUE, headers=headers).get_json()["channels"]
+        listed = client.get(api.paths.channels, headers=headers).get_json()["channels"]
         assert {c["id"]: c["status"] for c in listed} == expected
 
 
@@ -192,14 +193,13 @@ def test_unknown_keys_in_the_body_are_ignored(api, client, alice, register, cata
 # --- what a device is -----------------------------------------------------------------------
 
 
-def test_state_is_shared_by_the_users_pushers_with_that_pushkey(api, client, alice, register,
+def test_state_is_shared_by_the_users_pushers_with_that_pushkey(api, alice, register,
                                                                catalogue):
     register(alice, "pk1", app_id="com.example.one")
     register(alice, "pk1", app_id="com.example.two")
     api.set_channels(alice, "pk1", ("a", "enabled"))
     assert stored_states() == [("alice", "pk1", "a", "enabled")]
-    delete = {"kind": None, "app_id": "com.example.one", "pushkey": "pk1"}
-    assert client.post("/push/v1/pushers/set", headers=alice, json=delete).status_code == 200
+    api.unregister(alice, "pk1", app_id="com.example.one")
     assert api.channels(alice, "pk1")["a"] == "enabled"  # the other pusher still has it
 
 
@@ -260,7 +260,7 @@ def test_base64_pushkeys_work_raw_and_percent_encoded(api, alice, register, cata
 
 def test_percent_encoding_uses_the_expected_escapes(api, client, alice, register, catalogue):
     register(alice, "a/b+c=")
-    response = client.get(f"{CATALOGUE}/a%2Fb%2Bc%3D", headers=alice)
+    response = client.get(f"{api.paths.channels}/a%2Fb%2Bc%3D", headers=alice)
     assert response.status_code == 200
     register(alice, "a%2Fb")  # a pushkey that itself holds a percent sign
     api.set_channels(alice, "a%2Fb", ("c", "enabled"), encode=True)

@@ -1,4 +1,5 @@
-"""POST /push/v1/pushers/set and GET /push/v1/pushers (SPEC section 1), with encryption (4)."""
+"""POST /pushers/set and GET /pushers (SPEC section 1), with encryption (4); each test under
+/push/v1 and under the seed-era paths (/pushers/v1/set, /pushers/v1)."""
 
 import json
 import os
@@ -6,14 +7,24 @@ import stat
 import time
 
 import pytest
-from support import ISS, Api, assert_error, encryption, fetch, instance_bytes, pusher_body
+from support import (
+    ISS,
+    PUSH_V1,
+    SEED_ERA,
+    Api,
+    assert_error,
+    encryption,
+    fetch,
+    instance_bytes,
+    pusher_body,
+)
 
 import app as app_module
 import crypto
 from models import ChannelState, EncryptionKey, Pusher, db
 
-SET = "/push/v1/pushers/set"
-LIST = "/push/v1/pushers"
+pytestmark = pytest.mark.client_api
+
 OTHER_ISS = "ff" * 32
 
 with open(os.path.join(os.path.dirname(__file__), "vectors", "crypto.json")) as f:
@@ -271,28 +282,27 @@ def test_gateway_url_that_is_not_a_notify_url_is_refused(api, alice, url):
     assert api.pushers(alice) == []
 
 
-def test_plain_http_gateway_is_refused_unless_the_operator_allows_it(make_app, alice):
-    strict = make_app(ALLOW_HTTP_GATEWAYS=False).test_client()
+def test_plain_http_gateway_is_refused_unless_the_operator_allows_it(make_api, alice):
+    strict = make_api(ALLOW_HTTP_GATEWAYS=False)
     body = pusher_body(url="http://gw.example/push/v1/notify")
-    assert "https" in assert_error(Api(strict).set_pusher(alice, body), 400, "M_INVALID_PARAM")
-    assert Api(strict).set_pusher(alice, pusher_body()).status_code == 200
-    relaxed = make_app(ALLOW_HTTP_GATEWAYS=True).test_client()
-    assert Api(relaxed).set_pusher(alice, body).status_code == 200
+    assert "https" in assert_error(strict.set_pusher(alice, body), 400, "M_INVALID_PARAM")
+    assert strict.set_pusher(alice, pusher_body()).status_code == 200
+    relaxed = make_api(ALLOW_HTTP_GATEWAYS=True)
+    assert relaxed.set_pusher(alice, body).status_code == 200
 
 
-def test_gateway_allow_list_restricts_url_prefixes(make_app, alice):
-    client = make_app(
-        GATEWAY_ALLOWLIST="https://good.example/, https://shared.example/tenant-a/").test_client()
+def test_gateway_allow_list_restricts_url_prefixes(make_api, alice):
+    api = make_api(GATEWAY_ALLOWLIST="https://good.example/, https://shared.example/tenant-a/")
     for url in ("https://good.example/push/v1/notify",
                 "https://shared.example/tenant-a/_matrix/push/v1/notify"):
-        assert Api(client).set_pusher(alice, pusher_body(url=url)).status_code == 200
+        assert api.set_pusher(alice, pusher_body(url=url)).status_code == 200
     for url in ("https://evil.example/push/v1/notify",
                 "https://shared.example/tenant-b/push/v1/notify",
                 "https://good.example.evil.example/push/v1/notify"):
-        response = Api(client).set_pusher(alice, pusher_body("pk2", url=url))
+        response = api.set_pusher(alice, pusher_body("pk2", url=url))
         error = assert_error(response, 400, "M_INVALID_PARAM")
         assert "allow-list" in error
-    assert [p["pushkey"] for p in Api(client).pushers(alice)] == ["pk1"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
 
 
 def test_data_size_is_bounded(api, alice):
@@ -387,37 +397,37 @@ def test_append_true_keeps_other_users_pushers_and_states(api, client, alice, us
 # --- per-user cap ---------------------------------------------------------------------------
 
 
-def test_pusher_cap_refuses_one_more_with_403(make_app, alice, user_token):
+def test_pusher_cap_refuses_one_more_with_403(make_api, alice, user_token):
     bob = user_token("bob")
-    client = make_app(MAX_PUSHERS_PER_USER=2).test_client()
+    api = make_api(MAX_PUSHERS_PER_USER=2)
     for pushkey in ("pk1", "pk2"):
-        assert Api(client).set_pusher(alice, pusher_body(pushkey)).status_code == 200
-    response = Api(client).set_pusher(alice, pusher_body("pk3"))
+        assert api.set_pusher(alice, pusher_body(pushkey)).status_code == 200
+    response = api.set_pusher(alice, pusher_body("pk3"))
     assert_error(response, 403, "M_RESOURCE_LIMIT_EXCEEDED")
-    assert [p["pushkey"] for p in Api(client).pushers(alice)] == ["pk1", "pk2"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1", "pk2"]
     # The cap is per user.
-    assert Api(client).set_pusher(bob, pusher_body("pk3")).status_code == 200
+    assert api.set_pusher(bob, pusher_body("pk3")).status_code == 200
 
 
-def test_updating_an_existing_pusher_at_the_cap_still_works(make_app, alice):
-    client = make_app(MAX_PUSHERS_PER_USER=2).test_client()
+def test_updating_an_existing_pusher_at_the_cap_still_works(make_api, alice):
+    api = make_api(MAX_PUSHERS_PER_USER=2)
     for pushkey in ("pk1", "pk2"):
-        Api(client).set_pusher(alice, pusher_body(pushkey))
-    assert Api(client).set_pusher(alice, pusher_body("pk2", lang="fr")).status_code == 200
-    assert [p["lang"] for p in Api(client).pushers(alice)] == ["en", "fr"]
-    Api(client).set_pusher(alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
-    assert Api(client).set_pusher(alice, pusher_body("pk3")).status_code == 200
+        api.set_pusher(alice, pusher_body(pushkey))
+    assert api.set_pusher(alice, pusher_body("pk2", lang="fr")).status_code == 200
+    assert [p["lang"] for p in api.pushers(alice)] == ["en", "fr"]
+    api.set_pusher(alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
+    assert api.set_pusher(alice, pusher_body("pk3")).status_code == 200
 
 
-def test_a_refused_pusher_over_the_cap_changes_nothing(make_app, alice, user_token):
+def test_a_refused_pusher_over_the_cap_changes_nothing(make_api, alice, user_token):
     bob = user_token("bob")
-    client = make_app(MAX_PUSHERS_PER_USER=1).test_client()
-    Api(client).set_pusher(alice, pusher_body("pk1"))
-    Api(client).set_pusher(bob, pusher_body("shared", append=True))
-    response = Api(client).set_pusher(alice, pusher_body("shared", append=False,
-                                                     encryption=encryption("new-key")))
+    api = make_api(MAX_PUSHERS_PER_USER=1)
+    api.set_pusher(alice, pusher_body("pk1"))
+    api.set_pusher(bob, pusher_body("shared", append=True))
+    response = api.set_pusher(alice, pusher_body("shared", append=False,
+                                             encryption=encryption("new-key")))
     assert response.status_code == 403
-    assert [p["pushkey"] for p in Api(client).pushers(bob)] == ["shared"]
+    assert [p["pushkey"] for p in api.pushers(bob)] == ["shared"]
     assert fetch(EncryptionKey.select()) == []
 
 
@@ -601,24 +611,24 @@ def test_switching_to_a_new_key_identifier_drops_the_old_key(api, alice, registe
     assert api.pushers(alice)[0]["encryption"]["key_identifier"] == "key-2"
 
 
-def test_encryption_required_policy_refuses_plain_pushers(make_app, alice):
-    client = make_app(ENCRYPTION="required").test_client()
-    response = Api(client).set_pusher(alice, pusher_body())
+def test_encryption_required_policy_refuses_plain_pushers(make_api, alice):
+    api = make_api(ENCRYPTION="required")
+    response = api.set_pusher(alice, pusher_body())
     assert assert_error(response, 400, "M_MISSING_PARAM") == "Missing parameters: encryption"
-    assert Api(client).pushers(alice) == []
-    assert Api(client).set_pusher(alice, pusher_body(encryption=encryption())).status_code == 200
-    response = Api(client).set_pusher(alice, {"kind": None, "app_id": "com.example.app",
-                                          "pushkey": "pk1"})
+    assert api.pushers(alice) == []
+    assert api.set_pusher(alice, pusher_body(encryption=encryption())).status_code == 200
+    response = api.set_pusher(alice, {"kind": None, "app_id": "com.example.app",
+                                      "pushkey": "pk1"})
     assert response.status_code == 200
-    assert Api(client).pushers(alice) == []
+    assert api.pushers(alice) == []
 
 
-def test_encryption_forbidden_policy_refuses_encrypted_pushers(make_app, alice):
-    client = make_app(ENCRYPTION="forbidden").test_client()
-    response = Api(client).set_pusher(alice, pusher_body(encryption=encryption()))
+def test_encryption_forbidden_policy_refuses_encrypted_pushers(make_api, alice):
+    api = make_api(ENCRYPTION="forbidden")
+    response = api.set_pusher(alice, pusher_body(encryption=encryption()))
     assert_error(response, 400, "M_INVALID_PARAM")
     assert fetch(EncryptionKey.select()) == []
-    assert Api(client).set_pusher(alice, pusher_body()).status_code == 200
+    assert api.set_pusher(alice, pusher_body()).status_code == 200
 
 
 def test_encryption_optional_by_default_takes_both(api, alice):
@@ -626,3 +636,22 @@ def test_encryption_optional_by_default_takes_both(api, alice):
     assert api.set_pusher(alice, pusher_body("sealed", encryption=encryption())).status_code \
         == 200
     assert ["encryption" in p for p in api.pushers(alice)] == [False, True]
+
+
+# --- the two path sets ------------------------------------------------------------------------
+
+
+def test_both_path_sets_serve_the_same_pushers_and_states(client, alice, channel):
+    channel("a")
+    push_v1, seed_era = Api(client, PUSH_V1), Api(client, SEED_ERA)
+    push_v1.register(alice, "ab/c+d=", encryption=encryption("key-1"))
+    seed_era.register(alice, "pk2")
+    assert seed_era.pushers(alice) == push_v1.pushers(alice)
+    assert seed_era.pushkeys(alice) == ["ab/c+d=", "pk2"]
+    response = seed_era.set_channels(alice, "ab/c+d=", ("a", "enabled"), encode=True)
+    assert response.status_code == 200
+    assert push_v1.channels(alice, "ab/c+d=") == seed_era.channels(alice, "ab/c+d=") == {
+        "a": "enabled"}
+    seed_era.unregister(alice, "ab/c+d=")
+    assert push_v1.pushkeys(alice) == ["pk2"]
+    assert fetch(ChannelState.select()) == [] and fetch(EncryptionKey.select()) == []
