@@ -601,7 +601,10 @@ class DeviceChannels(MethodView):
     @channels_blp.response(200, ChannelsSchema)
     @channels_blp.errors(404)
     def get(self, pushkey):
-        """Every catalogue channel with this device's state: enabled, disabled or not_set."""
+        """Every catalogue channel with the state in effect for this device.
+
+        The device's own state (enabled, disabled or not_set), else the channel's default.
+        """
         user_id = g.user_id
         own_device_or_404(user_id, pushkey)
         states = dict(
@@ -609,15 +612,20 @@ class DeviceChannels(MethodView):
             .where((ChannelState.user == user_id) & (ChannelState.pushkey == pushkey))
             .tuples()
         )
-        channels = Channel.select(Channel.id).order_by(Channel.id).tuples()
-        return {"channels": [{"id": cid, "status": states.get(cid, "not_set")}
-                             for (cid,) in channels]}
+        channels = Channel.select(Channel.id, Channel.default_status).order_by(Channel.id).tuples()
+        return {"channels": [{"id": cid, "status": states.get(cid, default)}
+                             for cid, default in channels]}
 
     @channels_blp.arguments(ChannelsUpdateSchema)
     @channels_blp.response(200, EmptySchema)
     @channels_blp.errors(400, 404, 413)
     def post(self, body, pushkey):
-        """Change some channel states of this device; all or nothing."""
+        """Change some channel states of this device; all or nothing.
+
+        Channels not named stay as they are. not_set is stored like the other two and counts
+        as disabled (an unset channel is treated as disabled, as upstream says); only a channel
+        the device never set follows the channel's default.
+        """
         user_id = g.user_id
         changes = body["channels"]
         names = [change["name"] for change in changes]
@@ -631,12 +639,8 @@ class DeviceChannels(MethodView):
             unknown = [n for n in names if n not in known]
             if unknown:
                 abort(400, "M_INVALID_PARAM", f"Unknown channel: {', '.join(unknown)}")
-            device = (ChannelState.user == user_id) & (ChannelState.pushkey == pushkey)
-            cleared = [c["name"] for c in changes if c["value"] == "not_set"]
-            if cleared:
-                ChannelState.delete().where(device & ChannelState.channel.in_(cleared)).execute()
             rows = [{"user": user_id, "pushkey": pushkey, "channel": c["name"],
-                     "status": c["value"]} for c in changes if c["value"] != "not_set"]
+                     "status": c["value"]} for c in changes]
             if rows:
                 (ChannelState.insert_many(rows)
                  .on_conflict(conflict_target=[ChannelState.user, ChannelState.pushkey,
@@ -653,7 +657,8 @@ notifications_blp = PushBlueprint("notifications", __name__, token="service",
 
 
 def recipients(user_id, channel):
-    """The user's pushers whose device gets ``channel`` (explicit state, else the default)."""
+    """The user's pushers whose device gets ``channel``: its own state is ``enabled``, or it has
+    none and the channel's default is ``enabled`` (``not_set`` counts as disabled)."""
     state = ChannelState.alias()
     on = ((state.user == Pusher.user) & (state.pushkey == Pusher.pushkey)
           & (state.channel == channel.id))

@@ -145,12 +145,12 @@ def test_client_api(pg_app):
     refused = client.post("/push/v1/pushers/set", json=other_iss, headers=alice)
     assert refused.status_code == 400 and refused.get_json()["errcode"] == "M_INVALID_PARAM"
 
-    # channels: catalogue, then a device's states; set, overwrite (upsert), clear
+    # channels: catalogue, then a device's states; set, overwrite (upsert), not_set stored
     catalogue = client.get("/push/v1/channels", headers=alice).get_json()["channels"]
     assert catalogue == [{"id": "erp.news", "status": "disabled"},
                          {"id": "erp.task", "status": "enabled"}]
-    assert api.channels(alice, "pk-plain") == {"erp.news": "not_set",
-                                                          "erp.task": "not_set"}
+    assert api.channels(alice, "pk-plain") == {"erp.news": "disabled",  # the defaults
+                                               "erp.task": "enabled"}
     assert api.set_channels(alice, "pk-plain", ("erp.news", "enabled"),
                             ("erp.task", "disabled")).status_code == 200
     assert api.channels(alice, "pk-plain") == {"erp.news": "enabled",

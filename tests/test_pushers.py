@@ -347,7 +347,7 @@ def test_append_false_removes_that_pusher_of_other_users_with_its_channel_states
     assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
     assert fetch(ChannelState.select()) == []
     register(bob, "pk1", append=True)  # back again: the old state did not survive
-    assert api.channels(bob, "pk1") == {"c1": "not_set"}
+    assert api.channels(bob, "pk1") == {"c1": "disabled"}  # the channel's default
 
 
 def test_append_false_is_the_default(api, alice, user_token, register):
@@ -391,7 +391,7 @@ def test_append_true_keeps_other_users_pushers_and_states(api, client, alice, us
     assert [p["pushkey"] for p in api.pushers(bob)] == ["pk1"]
     assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
     assert api.channels(bob, "pk1") == {"c1": "enabled"}
-    assert api.channels(alice, "pk1") == {"c1": "not_set"}
+    assert api.channels(alice, "pk1") == {"c1": "disabled"}  # never set: the default
 
 
 # --- per-user cap ---------------------------------------------------------------------------
