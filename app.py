@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 
+import flask
 from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
@@ -162,6 +163,7 @@ def create_app(test_config=None, instance_path=None):
     api = PushApi(app)
     for blueprint in (pushers_blp, channels_blp, notifications_blp, history_blp):
         api.register_blueprint(blueprint, url_prefix=PREFIX)
+    app.register_blueprint(seed_era_blp)  # through Flask, not the Api: left out of the docs
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     for name, constraints in SCHEMA_CONSTRAINTS.items():
         api.spec.components.schemas[name].update(constraints)
@@ -293,7 +295,7 @@ class RequestLogFilter(logging.Filter):
     control characters escaped, so a request cannot forge a line, and pushkeys (they sit in
     some paths) shortened."""
 
-    PATTERN = re.compile(r"(/channels/|/history/device/)([^\s?\"]{6})[^\s?\"]*")
+    PATTERN = re.compile(r"(/channels/(?:v1/)?|/history/device/)([^\s?\"]{6})[^\s?\"]*")
 
     def filter(self, record):
         message = log_safe(record.getMessage())
@@ -602,7 +604,7 @@ def register_key(encryption):
         if not secrets.compare_digest(key.iss_fingerprint, fingerprint):
             abort(400, "M_INVALID_PARAM", "key_identifier is already in use with a different iss")
         return key
-    generation = crypto.first_generation(iss, encryption["initial_key_period"])
+    generation = crypto.first_generation(iss, encryption["time_iss_created"])
     return EncryptionKey.create(
         key_identifier=key_identifier,
         iss_fingerprint=fingerprint,
@@ -739,7 +741,10 @@ class DeviceChannels(MethodView):
     @channels_blp.response(200, ChannelsSchema)
     @channels_blp.errors(404)
     def get(self, pushkey):
-        """Every catalogue channel with this device's state: enabled, disabled or not_set."""
+        """Every catalogue channel with the state in effect for this device.
+
+        The device's own state (enabled, disabled or not_set), else the channel's default.
+        """
         user_id = g.user_id
         own_device_or_404(user_id, pushkey)
         states = dict(
@@ -747,15 +752,20 @@ class DeviceChannels(MethodView):
             .where((ChannelState.user == user_id) & (ChannelState.pushkey == pushkey))
             .tuples()
         )
-        channels = Channel.select(Channel.id).order_by(Channel.id).tuples()
-        return {"channels": [{"id": cid, "status": states.get(cid, "not_set")}
-                             for (cid,) in channels]}
+        channels = Channel.select(Channel.id, Channel.default_status).order_by(Channel.id).tuples()
+        return {"channels": [{"id": cid, "status": states.get(cid, default)}
+                             for cid, default in channels]}
 
     @channels_blp.arguments(ChannelsUpdateSchema)
     @channels_blp.response(200, EmptySchema)
     @channels_blp.errors(400, 404, 413)
     def post(self, body, pushkey):
-        """Change some channel states of this device; all or nothing."""
+        """Change some channel states of this device; all or nothing.
+
+        Channels not named stay as they are. not_set is stored like the other two and counts
+        as disabled (an unset channel is treated as disabled, as upstream says); only a channel
+        the device never set follows the channel's default.
+        """
         user_id = g.user_id
         changes = body["channels"]
         names = [change["name"] for change in changes]
@@ -769,12 +779,8 @@ class DeviceChannels(MethodView):
             unknown = [n for n in names if n not in known]
             if unknown:
                 abort(400, "M_INVALID_PARAM", f"Unknown channel: {', '.join(unknown)}")
-            device = (ChannelState.user == user_id) & (ChannelState.pushkey == pushkey)
-            cleared = [c["name"] for c in changes if c["value"] == "not_set"]
-            if cleared:
-                ChannelState.delete().where(device & ChannelState.channel.in_(cleared)).execute()
             rows = [{"user": user_id, "pushkey": pushkey, "channel": c["name"],
-                     "status": c["value"]} for c in changes if c["value"] != "not_set"]
+                     "status": c["value"]} for c in changes]
             if rows:
                 (ChannelState.insert_many(rows)
                  .on_conflict(conflict_target=[ChannelState.user, ChannelState.pushkey,
@@ -791,7 +797,8 @@ notifications_blp = PushBlueprint("notifications", __name__, token="service",
 
 
 def recipients(user_id, channel):
-    """The user's pushers whose device gets ``channel`` (explicit state, else the default)."""
+    """The user's pushers whose device gets ``channel``: its own state is ``enabled``, or it has
+    none and the channel's default is ``enabled`` (``not_set`` counts as disabled)."""
     state = ChannelState.alias()
     on = ((state.user == Pusher.user) & (state.pushkey == Pusher.pushkey)
           & (state.channel == channel.id))
@@ -902,3 +909,23 @@ class DeviceHistory(MethodView):
         if not messages:
             own_device_or_404(user_id, pushkey)
         return {"messages": messages}
+
+
+# --- seed-era paths ---------------------------------------------------------------------------
+
+#: The client API under the paths of the seed's fd_openapi.yaml, which real clients (the
+#: E-Rezept server and apps) still call: the same views, so the same behaviour, auth and errors.
+SEED_ERA_ROUTES = (
+    ("/pushers/v1", Pushers),
+    ("/pushers/v1/set", PusherSet),
+    ("/channels/v1", Channels),
+    ("/channels/v1/<pushkey:pushkey>", DeviceChannels),
+)
+
+# A plain Flask blueprint: flask-smorest documents only what goes through its Api, and the
+# OpenAPI document describes each operation once, under /push/v1 (the seed's own YAML
+# describes these paths for the clients that use them).
+seed_era_blp = flask.Blueprint("seed_era", __name__)
+seed_era_blp.before_request(lambda: authenticate_first("user"))
+for rule, view in SEED_ERA_ROUTES:
+    seed_era_blp.add_url_rule(rule, view_func=view.as_view(view.__name__), merge_slashes=False)

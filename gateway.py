@@ -25,7 +25,7 @@ import crypto
 from schemas import check_gateway_url
 
 BATCH_SIZE = 100
-BATCH_SUFFIX = "/push/v1/"
+BATCH_BASES = ("/push/v1/", "/push/v1")  # a gematik gateway base, written with or without "/"
 USER_AGENT = "push-service/1.0"
 
 
@@ -133,7 +133,9 @@ def request_for(pusher, notification, generations):
         check_gateway_url(url)
     except ValidationError as e:
         raise Unsendable(f"gateway URL not allowed: {e.messages}") from e
-    batch = url.endswith(BATCH_SUFFIX)
+    batch = url.endswith(BATCH_BASES)
+    if batch and not url.endswith("/"):
+        url += "/"  # the endpoint goes after a slash: <base>/notify/batch, never .../v1notify
     device = device_of(pusher, data)
     body = {"prio": notification.prio}
     if notification.counts:

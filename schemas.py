@@ -23,7 +23,7 @@ from marshmallow import (
 
 REQUIRED_MESSAGE = fields.Field.default_error_messages["required"]
 STATUSES = ("enabled", "disabled", "not_set")
-GATEWAY_PATHS = ("/_matrix/push/v1/notify", "/push/v1/notify", "/push/v1/")
+GATEWAY_PATHS = ("/_matrix/push/v1/notify", "/push/v1/notify", "/push/v1/", "/push/v1")
 MAX_DATA_BYTES = 4096
 # ASCII digits only, years 2000..2999 (an older start would make the first send ratchet
 # through thousands of months); matched in full (FullRegexp), since "$" alone would let a
@@ -173,31 +173,46 @@ class ClientSchema(Schema):
 
 
 class EncryptionSchema(ClientSchema):
-    method = fields.String(required=True, validate=validate.OneOf(["aes-hmac-sha256"]))
-    initial_key_period = fields.String(
-        validate=FullRegexp(PERIOD, error="Must be YYYY-MM."),
-        metadata={"description": "First month of the key chain, YYYY-MM"},
+    """A pusher's ``encryption``, with the field names of upstream-latest's fd_openapi.yaml."""
+
+    method = fields.String(
+        required=True, validate=validate.OneOf(["aes-hmac-sha256"]),
+        metadata={"description": "The encryption method; only aes-hmac-sha256 (AES-GCM with a "
+                                 "key derived by HKDF)"},
     )
     time_iss_created = fields.String(
+        validate=FullRegexp(PERIOD, error="Must be YYYY-MM."),
+        metadata={"description": "The first period (YYYY-MM) the key chain is generated for"},
+    )
+    initial_key_period = fields.String(
         load_only=True,
         validate=FullRegexp(PERIOD, error="Must be YYYY-MM."),
-        metadata={"description": "upstream-latest name of initial_key_period"},
+        metadata={"description": "Seed-era name of time_iss_created, accepted as its alias",
+                  "deprecated": True},
     )
     iss = fields.String(
         required=True,
         load_only=True,
         validate=FullRegexp(HEX256, error="Must be 64 hex characters."),
-        metadata={"description": "Initial shared secret, hex; never returned or stored"},
+        metadata={"description": "The 256-bit initial shared secret, hex; never returned or "
+                                 "stored"},
     )
-    key_identifier = Text(required=True, validate=validate.Length(1, 128))
+    key_identifier = Text(
+        required=True, validate=validate.Length(1, 128),
+        metadata={"description": "Names the key (and this service) on the phone; random, never "
+                                 "reused for another iss (a UUID is recommended)"},
+    )
 
     @validates_schema
     def period_given(self, data, **kwargs):
-        """Accept the newer name time_iss_created for initial_key_period."""
-        if "initial_key_period" not in data:
-            if "time_iss_created" not in data:
-                raise ValidationError(REQUIRED_MESSAGE, "initial_key_period")
-            data["initial_key_period"] = data.pop("time_iss_created")
+        """time_iss_created, or its seed-era alias initial_key_period (the two must agree)."""
+        alias = data.pop("initial_key_period", None)
+        period = data.setdefault("time_iss_created", alias)
+        if period is None:
+            raise ValidationError(REQUIRED_MESSAGE, "time_iss_created")
+        if alias is not None and alias != period:
+            raise ValidationError("Must equal time_iss_created when both are given.",
+                                  "initial_key_period")
 
 
 CONDITIONAL = ("app_display_name", "device_display_name", "lang", "data")
@@ -206,13 +221,14 @@ CONDITIONAL = ("app_display_name", "device_display_name", "lang", "data")
 DATA_DOC = {
     "description": f"At most {MAX_DATA_BYTES} bytes of JSON. url: the push gateway, https (plain "
                    "http only where the operator allows it), path ending in "
-                   "/_matrix/push/v1/notify, /push/v1/notify or /push/v1/ (batch); the "
+                   "/_matrix/push/v1/notify (a Matrix gateway), /push/v1/notify (gematik, single) "
+                   "or /push/v1/ or /push/v1 (a gematik base; the endpoint is appended); the "
                    "operator may restrict gateways to an allow-list.",
     "required": ["url"],
     "properties": {
         "url": {"type": "string",
                 "pattern": r"^https://[^/?#@\[\]\s:\\]+(/[^?#\s]*)?"
-                           r"/(_matrix/push/v1/notify|push/v1/notify|push/v1/)$"},
+                           r"/(_matrix/push/v1/notify|push/v1/notify|push/v1/?)$"},
         "format": {"type": "string"},
     },
 }
@@ -299,7 +315,8 @@ def check_gateway_url(url):
     if has_dot_segment(parts.path):
         raise error("The path must not hold . or .. segments.")
     if not parts.path.endswith(GATEWAY_PATHS):
-        raise error("Path must end in /_matrix/push/v1/notify, /push/v1/notify or /push/v1/.")
+        raise error("Path must end in /_matrix/push/v1/notify, /push/v1/notify, /push/v1/ or"
+                    " /push/v1.")
     allowlist = config["GATEWAY_ALLOWLIST"]
     if allowlist and not any(allowed_by(normalise_url(urlsplit(prefix)), normalise_url(parts))
                              for prefix in allowlist):
@@ -429,8 +446,8 @@ class ChannelChangeSchema(ClientSchema):
 # (added to these components by create_app).
 SCHEMA_CONSTRAINTS = {
     # EncryptionSchema.period_given
-    "Encryption": {"anyOf": [{"required": ["initial_key_period"]},
-                             {"required": ["time_iss_created"]}]},
+    "Encryption": {"anyOf": [{"required": ["time_iss_created"]},
+                             {"required": ["initial_key_period"]}]},
     # PusherSetSchema.required_unless_deleting: kind null, or the pusher's details
     "PusherSet": {"anyOf": [{"properties": {"kind": {"type": "string", "nullable": True,
                                                      "enum": [None]}}},

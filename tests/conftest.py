@@ -7,6 +7,10 @@ throwaway cluster for the session and a fresh database for each test). Tests of 
 engine has are marked ``sqlite_only``; tests/test_postgres.py holds PostgreSQL's own.
 
 Helpers that are not fixtures live in support.py (in-process) and servers.py (processes).
+
+A module marked ``client_api`` runs each test that uses the client API paths (the ``paths``
+fixture, directly or through ``api``, ``make_api`` or ``register``) once per path set of
+``support.PATH_SETS``: under /push/v1 and under the seed-era paths.
 """
 
 import itertools
@@ -15,7 +19,7 @@ import os
 import pytest
 from peewee import SqliteDatabase
 from servers import Cluster, Unavailable, push_env, server_binaries
-from support import TEST_CONFIG, Api, Gateway, bearer, cli_token
+from support import PATH_SETS, PUSH_V1, TEST_CONFIG, Api, Gateway, bearer, cli_token
 
 from app import create_app
 from models import db
@@ -37,7 +41,16 @@ def pytest_configure(config):
     for key in [k for k in os.environ if k.startswith("PUSH_")]:
         _saved_environment[key] = os.environ.pop(key)
     config.addinivalue_line("markers", "sqlite_only: tests of what only the SQLite engine has")
+    config.addinivalue_line("markers", "client_api: run the module's tests that use the client"
+                                       " API paths once per path set (/push/v1, seed-era)")
     config.engine_tests = {}  # database engine -> ids of the tests whose app ran on it
+
+
+def pytest_generate_tests(metafunc):
+    """In a ``client_api`` module, every test that uses ``paths`` runs once per path set."""
+    if "paths" in metafunc.fixturenames and metafunc.definition.get_closest_marker("client_api"):
+        metafunc.parametrize("paths", list(PATH_SETS.values()), ids=list(PATH_SETS),
+                             indirect=True)
 
 
 def pytest_unconfigure(config):
@@ -58,7 +71,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter, config):
     """Say how many tests really ran an app on each engine (not skipped for want of one)."""
-    counts = ", ".join(f"{engine} {len(ids)}" for engine, ids in sorted(config.engine_tests.items()))
+    counts = ", ".join(f"{engine} {len(ids)}"
+                       for engine, ids in sorted(config.engine_tests.items()))
     terminalreporter.write_line(f"tests that ran an app, by database engine: {counts or 'none'}")
 
 
@@ -114,9 +128,25 @@ def client(app):
 
 
 @pytest.fixture
-def api(client):
+def paths(request):
+    """Where the client API is (support.Paths): /push/v1, or each path set in turn."""
+    return getattr(request, "param", PUSH_V1)
+
+
+@pytest.fixture
+def api(client, paths):
     """The client and sender API of the test app (support.Api)."""
-    return Api(client)
+    return Api(client, paths)
+
+
+@pytest.fixture
+def make_api(make_app, paths):
+    """A factory: the API (support.Api) of a new app with config overrides."""
+
+    def make(**overrides):
+        return Api(make_app(**overrides).test_client(), paths)
+
+    return make
 
 
 @pytest.fixture

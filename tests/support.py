@@ -1,6 +1,7 @@
 """Helpers shared by the tests (fixtures are in conftest.py; real processes in servers.py).
 
-- ``Api``: the client and sender API through a Flask test client, with its paths in one place;
+- ``Api``: the client and sender API through a Flask test client, with its paths in one place
+  (``PATH_SETS``: the client API under /push/v1 and under the seed-era paths);
 - ``assert_error``: the one check of an error answer (SPEC section 3);
 - ``Gateway``: a real HTTP push gateway on 127.0.0.1, answering by magic pushkeys as Sygnal's
   tests do: ``reject...`` comes back in ``rejected``; ``fail-N...`` gets 503 for its first N
@@ -61,8 +62,8 @@ def pusher_body(pushkey="pk1", url="https://gw.example/_matrix/push/v1/notify", 
 
 
 def encryption(key_identifier="key-1", iss=ISS, period="2024-11"):
-    """A valid ``encryption`` object of a pusher."""
-    return {"method": "aes-hmac-sha256", "initial_key_period": period, "iss": iss,
+    """A valid ``encryption`` object of a pusher, as upstream-latest names its fields."""
+    return {"method": "aes-hmac-sha256", "time_iss_created": period, "iss": iss,
             "key_identifier": key_identifier}
 
 
@@ -91,6 +92,12 @@ class Paths:
 
 PUSH_V1 = Paths("/push/v1/pushers", "/push/v1/pushers/set", "/push/v1/channels",
                 "/push/v1/notifications", "/push/v1/history")
+#: The client API at the paths of the seed's fd_openapi.yaml; sending and history have no
+#: seed-era alias.
+SEED_ERA = Paths("/pushers/v1", "/pushers/v1/set", "/channels/v1",
+                 "/push/v1/notifications", "/push/v1/history")
+#: Every client API path set, by test id: a client API test runs once for each.
+PATH_SETS = {"push-v1": PUSH_V1, "seed-era": SEED_ERA}
 
 
 class Api:

@@ -1,4 +1,7 @@
-"""Bearer tokens, rate limiting, configuration and the operator CLI (SPEC section 6)."""
+"""Bearer tokens, rate limiting, configuration and the operator CLI (SPEC section 6).
+
+The token and rate-limit tests run under /push/v1 and under the seed-era paths.
+"""
 
 import hashlib
 
@@ -8,17 +11,21 @@ from support import bearer, cli_token, fetch, stored_bytes, pusher_body
 from app import create_app
 from models import Channel, ChannelState, Notification, Pusher, Token, User
 
-SET = "/push/v1/pushers/set"
+pytestmark = pytest.mark.client_api
+
+#: (method, where in support.Paths, body) of every client API endpoint.
 CLIENT_ENDPOINTS = [
-    ("get", "/push/v1/pushers", None),
-    ("post", SET, pusher_body()),
-    ("get", "/push/v1/channels", None),
-    ("get", "/push/v1/channels/pk1", None),
-    ("post", "/push/v1/channels/pk1", {"channels": []}),
+    ("get", "pushers", None),
+    ("post", "pusher_set", pusher_body()),
+    ("get", "channels", None),
+    ("get", "device", None),
+    ("post", "device", {"channels": []}),
 ]
 
 
-def call(client, method, path, body, headers=None):
+def call(client, paths, method, endpoint, body, headers=None):
+    """Call one of CLIENT_ENDPOINTS (the device one for pk1)."""
+    path = paths.device("pk1") if endpoint == "device" else getattr(paths, endpoint)
     if method == "get":
         return client.get(path, headers=headers)
     return client.post(path, json=body, headers=headers)
@@ -27,59 +34,61 @@ def call(client, method, path, body, headers=None):
 # --- tokens ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, path, body", CLIENT_ENDPOINTS)
-def test_request_without_token_is_401_missing_token(client, register, alice, method, path, body):
+@pytest.mark.parametrize("method, endpoint, body", CLIENT_ENDPOINTS)
+def test_request_without_token_is_401_missing_token(client, paths, register, alice, method,
+                                                    endpoint, body):
     register(alice)
-    response = call(client, method, path, body)
+    response = call(client, paths, method, endpoint, body)
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_MISSING_TOKEN"
 
 
 @pytest.mark.parametrize("header", ["Basic YWxpY2U6cHc=", "Bearer", "Bearer   ", "token abc"])
-def test_authorization_without_a_bearer_token_is_401_missing_token(client, alice, header):
-    response = client.get("/push/v1/pushers", headers={"Authorization": header})
+def test_authorization_without_a_bearer_token_is_401_missing_token(client, paths, alice, header):
+    response = client.get(paths.pushers, headers={"Authorization": header})
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_MISSING_TOKEN"
 
 
-@pytest.mark.parametrize("method, path, body", CLIENT_ENDPOINTS)
-def test_unknown_token_is_401_unknown_token(client, register, alice, method, path, body):
+@pytest.mark.parametrize("method, endpoint, body", CLIENT_ENDPOINTS)
+def test_unknown_token_is_401_unknown_token(client, paths, register, alice, method, endpoint,
+                                            body):
     register(alice)
-    response = call(client, method, path, body, bearer("pu_not-a-real-token"))
+    response = call(client, paths, method, endpoint, body, bearer("pu_not-a-real-token"))
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_UNKNOWN_TOKEN"
 
 
-def test_bearer_scheme_is_case_insensitive(client, alice):
+def test_bearer_scheme_is_case_insensitive(client, paths, alice):
     token = alice["Authorization"].split(" ", 1)[1]
-    response = client.get("/push/v1/pushers", headers={"Authorization": "bearer " + token})
+    response = client.get(paths.pushers, headers={"Authorization": "bearer " + token})
     assert response.status_code == 200
 
 
-def test_token_is_checked_before_the_body(client, alice):
-    response = client.post(SET, data=b"not json", content_type="application/json")
+def test_token_is_checked_before_the_body(client, paths, alice):
+    response = client.post(paths.pusher_set, data=b"not json", content_type="application/json")
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_MISSING_TOKEN"
-    response = client.post(SET, json={"kind": "http"}, headers=bearer("pu_wrong"))
+    response = client.post(paths.pusher_set, json={"kind": "http"}, headers=bearer("pu_wrong"))
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_UNKNOWN_TOKEN"
 
 
-def test_revoked_token_is_401_unknown_token(client, runner, alice, user_token):
+def test_revoked_token_is_401_unknown_token(client, paths, runner, alice, user_token):
     bob = user_token("bob")
-    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert client.get(paths.pushers, headers=alice).status_code == 200
     assert runner.invoke(args=["users", "revoke", "alice"]).exit_code == 0
-    response = client.get("/push/v1/pushers", headers=alice)
+    response = client.get(paths.pushers, headers=alice)
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_UNKNOWN_TOKEN"
-    assert client.get("/push/v1/pushers", headers=bob).status_code == 200
+    assert client.get(paths.pushers, headers=bob).status_code == 200
 
 
-@pytest.mark.parametrize("method, path, body", CLIENT_ENDPOINTS)
-def test_service_token_on_client_api_is_403_forbidden(client, register, alice, service,
-                                                      method, path, body):
+@pytest.mark.parametrize("method, endpoint, body", CLIENT_ENDPOINTS)
+def test_service_token_on_client_api_is_403_forbidden(client, paths, register, alice, service,
+                                                      method, endpoint, body):
     register(alice)
-    response = call(client, method, path, body, service)
+    response = call(client, paths, method, endpoint, body, service)
     assert response.status_code == 403
     assert response.get_json()["errcode"] == "M_FORBIDDEN"
     assert len(fetch(Pusher.select())) == 1  # the service's set did nothing
@@ -107,24 +116,24 @@ def test_tokens_are_stored_only_as_sha256_digests(app, client, alice, service, r
         assert len(fetch(Token.select().where(Token.digest == digest))) == 1
 
 
-def test_deleted_users_token_stays_unknown_when_the_name_is_reused(client, runner, alice):
+def test_deleted_users_token_stays_unknown_when_the_name_is_reused(client, paths, runner, alice):
     assert runner.invoke(args=["users", "delete", "alice"]).exit_code == 0
-    response = client.get("/push/v1/pushers", headers=alice)
+    response = client.get(paths.pushers, headers=alice)
     assert response.status_code == 401
     assert response.get_json()["errcode"] == "M_UNKNOWN_TOKEN"
     new = bearer(cli_token(runner, "users", "create", "alice"))
-    assert client.get("/push/v1/pushers", headers=new).status_code == 200
-    assert client.get("/push/v1/pushers", headers=alice).status_code == 401
+    assert client.get(paths.pushers, headers=new).status_code == 200
+    assert client.get(paths.pushers, headers=alice).status_code == 401
 
 
 # --- rate limiting --------------------------------------------------------------------------
 
 
-def test_rate_limit_answers_429_with_retry_after(make_app, alice):
+def test_rate_limit_answers_429_with_retry_after(make_app, paths, alice):
     client = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=3).test_client()
     for _ in range(3):
-        assert client.get("/push/v1/pushers", headers=alice).status_code == 200
-    response = client.get("/push/v1/pushers", headers=alice)
+        assert client.get(paths.pushers, headers=alice).status_code == 200
+    response = client.get(paths.pushers, headers=alice)
     assert response.status_code == 429
     body = response.get_json()
     assert body["errcode"] == "M_LIMIT_EXCEEDED"
@@ -134,23 +143,31 @@ def test_rate_limit_answers_429_with_retry_after(make_app, alice):
     assert 1 <= retry_after <= 60
 
 
-def test_rate_limit_is_per_user_whichever_token_they_use(make_app, runner, alice, user_token):
+def test_rate_limit_is_per_user_whichever_token_they_use(make_app, paths, runner, alice,
+                                                         user_token):
     bob = user_token("bob")
     alice_again = bearer(cli_token(runner, "users", "token", "alice"))
     client = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=2).test_client()
-    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
-    assert client.get("/push/v1/pushers", headers=alice_again).status_code == 200
-    assert client.get("/push/v1/pushers", headers=alice_again).status_code == 429
-    assert client.get("/push/v1/pushers", headers=alice).status_code == 429
-    assert client.get("/push/v1/pushers", headers=bob).status_code == 200
+    assert client.get(paths.pushers, headers=alice).status_code == 200
+    assert client.get(paths.pushers, headers=alice_again).status_code == 200
+    assert client.get(paths.pushers, headers=alice_again).status_code == 429
+    assert client.get(paths.pushers, headers=alice).status_code == 429
+    assert client.get(paths.pushers, headers=bob).status_code == 200
 
 
-def test_rate_limit_counts_requests_with_bad_bodies(make_app, alice):
-    client = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=2).test_client()
+def test_rate_limit_counts_requests_with_bad_bodies(make_api, alice):
+    api = make_api(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=2)
     for _ in range(2):
-        assert client.post(SET, json={"kind": "http"}, headers=alice).status_code == 400
-    response = client.post(SET, json=pusher_body(), headers=alice)
-    assert response.status_code == 429
+        assert api.set_pusher(alice, {"kind": "http"}).status_code == 400
+    assert api.set_pusher(alice, pusher_body()).status_code == 429
+
+
+def test_both_path_sets_share_one_rate_limit(make_app, alice):
+    client = make_app(RATE_LIMIT_ENABLED=True, RATE_LIMIT_PER_MINUTE=2).test_client()
+    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert client.get("/pushers/v1", headers=alice).status_code == 200
+    for path in ("/push/v1/pushers", "/pushers/v1", "/channels/v1"):
+        assert client.get(path, headers=alice).status_code == 429
 
 
 def test_services_have_their_own_higher_limit(make_app, alice, service, channel):
@@ -165,10 +182,10 @@ def test_services_have_their_own_higher_limit(make_app, alice, service, channel)
     assert limited.status_code == 429 and limited.get_json()["errcode"] == "M_LIMIT_EXCEEDED"
 
 
-def test_rate_limit_off_lets_everything_through(make_app, alice):
-    client = make_app(RATE_LIMIT_ENABLED=False, RATE_LIMIT_PER_MINUTE=1).test_client()
+def test_rate_limit_off_lets_everything_through(make_api, alice):
+    api = make_api(RATE_LIMIT_ENABLED=False, RATE_LIMIT_PER_MINUTE=1)
     for _ in range(5):
-        assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+        assert api.pushers(alice) == []
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -268,15 +285,14 @@ def test_users_revoke_revokes_every_token_of_that_user(runner, client, alice):
     assert runner.invoke(args=["users", "revoke", "nobody"]).exit_code != 0
 
 
-def test_users_delete_removes_the_user_and_everything_of_theirs(runner, client, alice,
+def test_users_delete_removes_the_user_and_everything_of_theirs(runner, api, alice,
                                                                  user_token, register, channel):
     bob = user_token("bob")
     channel("c1")
     register(alice, "pk1")
     register(bob, "pk1", append=True)
     for headers in (alice, bob):
-        client.post("/push/v1/channels/pk1", headers=headers,
-                    json={"channels": [{"name": "c1", "value": "enabled"}]})
+        assert api.set_channels(headers, "pk1", ("c1", "enabled")).status_code == 200
     result = runner.invoke(args=["users", "delete", "alice"])
     assert result.exit_code == 0, result.output
     assert [u.name for u in fetch(User.select())] == ["bob"]
@@ -284,8 +300,7 @@ def test_users_delete_removes_the_user_and_everything_of_theirs(runner, client, 
     states = fetch(ChannelState.select())
     assert [(s.user.name, s.status) for s in states] == [("bob", "enabled")]
     assert all(t.user_id is not None for t in fetch(Token.select()))
-    assert client.get("/push/v1/channels/pk1", headers=bob).get_json() == {
-        "channels": [{"id": "c1", "status": "enabled"}]}
+    assert api.channels(bob, "pk1") == {"c1": "enabled"}
     assert runner.invoke(args=["users", "delete", "alice"]).exit_code != 0
 
 
@@ -375,18 +390,16 @@ def test_channels_add_again_changes_only_the_options_given(runner):
     assert len(fetch(Channel.select())) == 1
 
 
-def test_channels_remove_drops_the_channel_and_device_states(runner, client, alice, register,
+def test_channels_remove_drops_the_channel_and_device_states(runner, api, alice, register,
                                                              channel):
     channel("c1")
     channel("c2")
     register(alice)
-    client.post("/push/v1/channels/pk1", headers=alice, json={"channels": [
-        {"name": "c1", "value": "enabled"}, {"name": "c2", "value": "enabled"}]})
+    api.set_channels(alice, "pk1", ("c1", "enabled"), ("c2", "enabled"))
     result = runner.invoke(args=["channels", "remove", "c1"])
     assert result.exit_code == 0, result.output
     assert runner.invoke(args=["channels", "list"]).output.splitlines() == ["c2\tdisabled\t"]
     assert [s.channel_id for s in fetch(ChannelState.select())] == ["c2"]
-    assert client.get("/push/v1/channels/pk1", headers=alice).get_json() == {
-        "channels": [{"id": "c2", "status": "enabled"}]}
+    assert api.channels(alice, "pk1") == {"c2": "enabled"}
     result = runner.invoke(args=["channels", "remove", "c1"])
     assert result.exit_code != 0 and "c1" in result.output

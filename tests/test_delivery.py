@@ -375,6 +375,29 @@ def test_batch_gateways_get_up_to_100_per_request(app, api, setup, service,
     assert set(delivery_states()) == {"delivered"}
 
 
+def test_a_base_without_its_trailing_slash_gets_the_endpoint_after_a_slash(
+        app, api, setup, service, register, gateway, worker):
+    # The concept's registration examples write the base as .../push/v1; it is the same
+    # gateway as .../push/v1/, so both kinds of pusher share one batch per endpoint.
+    bare, slashed = gateway.url("/tenant/push/v1"), gateway.url("/tenant/push/v1/")
+    register(setup, "plain-bare", url=bare)
+    register(setup, "plain-slashed", url=slashed)
+    register(setup, "enc-bare", url=bare, encryption=encryption("kid-1"))
+    assert api.send(service).get_json()["deliveries"] == 3
+    drain(app, worker)
+
+    requests = {path: body for path, body in gateway.requests}
+    assert sorted(requests) == ["/tenant/push/v1/notify/batch",
+                                "/tenant/push/v1/notifyEncrypted/batch"]
+    plain = requests["/tenant/push/v1/notify/batch"]["notifications"]
+    assert sorted(item["notification"]["devices"][0]["pushkey"] for item in plain) == [
+        "plain-bare", "plain-slashed"]
+    [sealed] = requests["/tenant/push/v1/notifyEncrypted/batch"]["notifications"]
+    assert sealed["notification"]["device"]["pushkey"] == "enc-bare"
+    assert phone_decrypt(ISS, "2024-11", sealed["notification"]) == {"task": "42"}
+    assert set(delivery_states()) == {"delivered"}
+
+
 def test_batch_item_results_are_honoured(app, api, setup, service, register, gateway,
                                          worker):
     base = gateway.url("/push/v1/")

@@ -1,14 +1,22 @@
-"""Error bodies (SPEC section 3), health check and API documentation."""
+"""Error bodies (SPEC section 3), health check and API documentation.
+
+Tests that call the client API run under /push/v1 and under the seed-era paths.
+"""
 
 import json
 import logging
 
 import pytest
-from support import assert_error, pusher_body
+from support import SEED_ERA, assert_error, pusher_body
 
 from models import Pusher
 
-SET = "/push/v1/pushers/set"
+pytestmark = pytest.mark.client_api
+
+
+def path_of(paths, endpoint):
+    """Where an endpoint named as in support.Paths is; "device" is the device pk1."""
+    return paths.device("pk1") if endpoint == "device" else getattr(paths, endpoint)
 
 
 @pytest.mark.parametrize("raw", [
@@ -22,79 +30,92 @@ SET = "/push/v1/pushers/set"
     b'{"kind": ' + b"1" * 5000 + b"}",  # an integer past Python's conversion limit
 ], ids=["word", "unclosed", "trailing-comma", "not-utf8", "nan", "infinity", "deep-nesting",
         "huge-integer"])
-def test_body_that_is_not_json_is_400_not_json(client, alice, raw):
-    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+def test_body_that_is_not_json_is_400_not_json(client, paths, alice, raw):
+    response = client.post(paths.pusher_set, data=raw, content_type="application/json",
+                           headers=alice)
     assert_error(response, 400, "M_NOT_JSON")
 
 
 @pytest.mark.parametrize("raw", [b"", b"   \n"])
-def test_empty_body_is_400_not_json(client, alice, raw):
-    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+def test_empty_body_is_400_not_json(client, paths, alice, raw):
+    response = client.post(paths.pusher_set, data=raw, content_type="application/json",
+                           headers=alice)
     assert_error(response, 400, "M_NOT_JSON")
 
 
 @pytest.mark.parametrize("raw", [b"[]", b"[{}]", b'"text"', b"42", b"null", b"true"])
-def test_json_that_is_not_an_object_is_400_bad_json(client, alice, raw):
-    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+def test_json_that_is_not_an_object_is_400_bad_json(client, paths, alice, raw):
+    response = client.post(paths.pusher_set, data=raw, content_type="application/json",
+                           headers=alice)
     assert_error(response, 400, "M_BAD_JSON")
 
 
-def test_nan_in_data_is_refused_and_not_stored(client, alice):
+def test_nan_in_data_is_refused_and_not_stored(api, alice):
     raw = json.dumps(pusher_body(data={"url": "https://gw.example/push/v1/notify",
                                        "x": float("nan")}))
-    response = client.post(SET, data=raw, content_type="application/json", headers=alice)
+    response = api.client.post(api.paths.pusher_set, data=raw, content_type="application/json",
+                               headers=alice)
     assert_error(response, 400, "M_NOT_JSON")
-    assert client.get("/push/v1/pushers", headers=alice).get_json() == {"pushers": []}
+    assert api.pushers(alice) == []
 
 
-def test_json_body_is_read_whatever_the_content_type(client, alice):
-    response = client.post(SET, data=json.dumps(pusher_body()), content_type="text/plain",
-                           headers=alice)
+def test_json_body_is_read_whatever_the_content_type(api, alice):
+    response = api.client.post(api.paths.pusher_set, data=json.dumps(pusher_body()),
+                               content_type="text/plain", headers=alice)
     assert response.status_code == 200
-    assert [p["pushkey"] for p in client.get("/push/v1/pushers", headers=alice).get_json()
-            ["pushers"]] == ["pk1"]
+    assert api.pushkeys(alice) == ["pk1"]
 
 
-def test_validation_errors_are_400_not_422(client, alice):
-    response = client.post(SET, json={"kind": "http"}, headers=alice)
-    assert_error(response, 400, "M_MISSING_PARAM")
+def test_validation_errors_are_400_not_422(api, alice):
+    assert_error(api.set_pusher(alice, {"kind": "http"}), 400, "M_MISSING_PARAM")
 
 
-@pytest.mark.parametrize("path", ["/push/v1/nope", "/nope", "/push/v1/pushers/set/extra",
-                                  "/push/v1/channels/"])
+@pytest.mark.parametrize("path", ["/push/v1/nope", "/nope", "/pushers", "/pushers/v2",
+                                  "/channels", "/notifications/v1", "/history/v1/abc"])
 def test_unknown_route_is_404_unrecognized_json(client, alice, path):
     assert_error(client.get(path, headers=alice), 404, "M_UNRECOGNIZED")
 
 
-@pytest.mark.parametrize("method, path, allowed", [
-    ("delete", "/push/v1/pushers", "GET"),
-    ("get", "/push/v1/pushers/set", "POST"),
-    ("put", "/push/v1/channels", "GET"),
-    ("delete", "/push/v1/channels/pk1", "POST"),
-    ("get", "/push/v1/notifications", "POST"),
+@pytest.mark.parametrize("endpoint, extra", [("pusher_set", "/extra"), ("pushers", "/"),
+                                             ("channels", "/")])
+def test_unknown_route_beside_a_client_path_is_404_unrecognized_json(client, paths, alice,
+                                                                     endpoint, extra):
+    path = path_of(paths, endpoint) + extra
+    assert_error(client.get(path, headers=alice), 404, "M_UNRECOGNIZED")
+
+
+@pytest.mark.parametrize("method, endpoint, allowed", [
+    ("delete", "pushers", "GET"),
+    ("get", "pusher_set", "POST"),
+    ("put", "channels", "GET"),
+    ("delete", "device", "POST"),
+    ("get", "notifications", "POST"),
 ])
-def test_wrong_method_is_405_unrecognized_json(client, alice, method, path, allowed):
-    response = getattr(client, method)(path, headers=alice)
+def test_wrong_method_is_405_unrecognized_json(client, paths, alice, method, endpoint, allowed):
+    response = getattr(client, method)(path_of(paths, endpoint), headers=alice)
     assert_error(response, 405, "M_UNRECOGNIZED")
     assert allowed in response.headers["Allow"]
 
 
-def test_body_over_max_body_bytes_is_413_too_large(make_app, alice):
+def test_body_over_max_body_bytes_is_413_too_large(make_app, paths, alice):
     client = make_app(MAX_BODY_BYTES=1000).test_client()
     body = pusher_body()
     filler = 1000 - len(json.dumps({**body, "x": ""}))
     exactly = json.dumps({**body, "x": "a" * filler})
     assert len(exactly) == 1000
-    response = client.post(SET, data=exactly, content_type="application/json", headers=alice)
+    response = client.post(paths.pusher_set, data=exactly, content_type="application/json",
+                           headers=alice)
     assert response.status_code == 200, response.get_json()
     too_big = json.dumps({**body, "x": "a" * (filler + 1)})
-    response = client.post(SET, data=too_big, content_type="application/json", headers=alice)
+    response = client.post(paths.pusher_set, data=too_big, content_type="application/json",
+                           headers=alice)
     assert_error(response, 413, "M_TOO_LARGE")
 
 
-def test_default_body_limit_is_64_kib(client, alice):
+def test_default_body_limit_is_64_kib(client, paths, alice):
     body = json.dumps({**pusher_body(), "x": "a" * 65536})
-    response = client.post(SET, data=body, content_type="application/json", headers=alice)
+    response = client.post(paths.pusher_set, data=body, content_type="application/json",
+                           headers=alice)
     assert_error(response, 413, "M_TOO_LARGE")
 
 
@@ -114,7 +135,8 @@ def test_unexpected_exception_in_a_route_is_500_unknown_without_traceback(make_a
     assert "Traceback" in caplog.text and "RuntimeError: secret internals 1234" in caplog.text
 
 
-def test_unexpected_database_failure_is_500_unknown(make_app, alice, monkeypatch, caplog):
+def test_unexpected_database_failure_is_500_unknown(make_app, paths, alice, monkeypatch,
+                                                    caplog):
     client = make_app(TESTING=False).test_client()
 
     def broken(cls, *args, **kwargs):
@@ -122,7 +144,7 @@ def test_unexpected_database_failure_is_500_unknown(make_app, alice, monkeypatch
 
     monkeypatch.setattr(Pusher, "select", classmethod(broken))
     with caplog.at_level(logging.ERROR):
-        response = client.get("/push/v1/pushers", headers=alice)
+        response = client.get(paths.pushers, headers=alice)
     assert_error(response, 500, "M_UNKNOWN")
     assert "disk on fire" not in response.get_data(as_text=True)
     assert "RuntimeError: disk on fire" in caplog.text
@@ -156,24 +178,33 @@ def test_openapi_lists_every_endpoint_with_the_error_shape(client):
     assert {"errcode", "error"} <= set(error_schema["properties"])
 
 
+def test_openapi_documents_the_client_api_once_under_push_v1(client):
+    # The seed-era aliases are served but not documented: each operation once, under /push/v1.
+    spec = client.get("/openapi.json").get_json()
+    assert all(path.startswith("/push/v1/") for path in spec["paths"]), list(spec["paths"])
+    for alias in (SEED_ERA.pushers, SEED_ERA.pusher_set, SEED_ERA.channels):
+        assert alias not in spec["paths"]
+        assert client.options(alias).status_code == 200  # yet the route is there
+
+
 def test_docs_page_answers(client):
     response = client.get("/docs")
     assert response.status_code == 200
     assert b"swagger" in response.get_data().lower()
 
 
-def test_every_error_response_is_json_with_errcode_and_error(client, alice, service):
+def test_every_error_response_is_json_with_errcode_and_error(client, paths, alice, service):
     responses = [
-        client.get("/push/v1/pushers"),
-        client.get("/push/v1/pushers", headers={"Authorization": "Bearer nope"}),
-        client.get("/push/v1/pushers", headers=service),
-        client.post(SET, data=b"x", headers=alice),
-        client.post(SET, json=[], headers=alice),
-        client.post(SET, json={"kind": "http"}, headers=alice),
-        client.post(SET, json=pusher_body(kind="email"), headers=alice),
-        client.get("/push/v1/channels/unknown", headers=alice),
+        client.get(paths.pushers),
+        client.get(paths.pushers, headers={"Authorization": "Bearer nope"}),
+        client.get(paths.pushers, headers=service),
+        client.post(paths.pusher_set, data=b"x", headers=alice),
+        client.post(paths.pusher_set, json=[], headers=alice),
+        client.post(paths.pusher_set, json={"kind": "http"}, headers=alice),
+        client.post(paths.pusher_set, json=pusher_body(kind="email"), headers=alice),
+        client.get(paths.device("unknown"), headers=alice),
         client.get("/push/v1/missing", headers=alice),
-        client.patch("/push/v1/pushers", headers=alice),
+        client.patch(paths.pushers, headers=alice),
     ]
     for response in responses:
         assert response.status_code >= 400
@@ -183,7 +214,8 @@ def test_every_error_response_is_json_with_errcode_and_error(client, alice, serv
         assert isinstance(body["error"], str) and body["error"]
 
 
-def test_every_answer_forbids_sniffing_and_caching(make_app, alice, service, channel, register):
+def test_every_answer_forbids_sniffing_and_caching(make_app, paths, alice, service, channel,
+                                                   register):
     channel("erp.task", default="enabled")
     register(alice)
     app = make_app(TESTING=False, MAX_BODY_BYTES=2000, RATE_LIMIT_ENABLED=True,
@@ -191,19 +223,19 @@ def test_every_answer_forbids_sniffing_and_caching(make_app, alice, service, cha
     app.add_url_rule("/explode", "explode", lambda: 1 / 0)
     client = app.test_client()
     responses = {
-        "200 list": client.get("/push/v1/pushers", headers=alice),
-        "200 set": client.post(SET, json=pusher_body("pk2"), headers=alice),
-        "200 channels": client.get("/push/v1/channels/pk1", headers=alice),
+        "200 list": client.get(paths.pushers, headers=alice),
+        "200 set": client.post(paths.pusher_set, json=pusher_body("pk2"), headers=alice),
+        "200 channels": client.get(paths.device("pk1"), headers=alice),
         "202 send": client.post("/push/v1/notifications", headers=service,
                                 json={"user_id": "alice", "channel": "erp.task", "payload": {}}),
         "200 healthz": client.get("/healthz"),
-        "401": client.get("/push/v1/pushers"),
-        "403": client.get("/push/v1/pushers", headers=service),
-        "400": client.post(SET, data=b"x", headers=alice),
+        "401": client.get(paths.pushers),
+        "403": client.get(paths.pushers, headers=service),
+        "400": client.post(paths.pusher_set, data=b"x", headers=alice),
         "404": client.get("/push/v1/missing", headers=alice),
-        "405": client.patch("/push/v1/pushers", headers=alice),
-        "413": client.post(SET, data=b" " * 3000, headers=alice),
-        "429": client.get("/push/v1/pushers", headers=alice),
+        "405": client.patch(paths.pushers, headers=alice),
+        "413": client.post(paths.pusher_set, data=b" " * 3000, headers=alice),
+        "429": client.get(paths.pushers, headers=alice),
         "500": client.get("/explode"),
     }
     for name, response in responses.items():

@@ -91,10 +91,7 @@ class Client:
         assert (status, answer) == (200, {}), (pushkey, changes, status, answer)
         states = self.states.setdefault(pushkey, {})
         for change in changes:
-            if change["value"] == "not_set":
-                states.pop(change["name"], None)
-            else:
-                states[change["name"]] = change["value"]
+            states[change["name"]] = change["value"]  # not_set is a state like the others
 
     def notify(self):
         channel = self.random.choice(sorted(CHANNELS))
@@ -120,13 +117,14 @@ class Client:
         assert status == 200, (pushkey, status, answer)
         states = self.states.get(pushkey, {})
         assert {c["id"]: c["status"] for c in answer["channels"]} == {
-            c: states.get(c, "not_set") for c in CHANNELS}, pushkey
+            c: states.get(c, default) for c, default in CHANNELS.items()}, pushkey
 
     def has_device(self, pushkey):
         return any(k == pushkey for _, k in self.pushers)
 
     def gets(self, pushkey, channel):
-        """Whether this device receives ``channel``: its own state, else the default."""
+        """Whether this device receives ``channel``: its own state (not_set is not enabled),
+        else the default."""
         return self.states.get(pushkey, {}).get(channel, CHANNELS[channel]) == "enabled"
 
 

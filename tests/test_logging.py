@@ -2,6 +2,8 @@
 
 import logging
 
+import pytest
+
 from app import RequestLogFilter
 from gateway import redact
 
@@ -13,6 +15,8 @@ def access_record(line):
 
 def test_access_log_lines_shorten_pushkeys_in_paths():
     for path in ("/push/v1/channels/Xp%2FMzCt8%2F9DcSNE9cuia%3D",
+                 "/channels/v1/Xp%2FMzCt8%2F9DcSNE9cuia%3D",
+                 "/channels/v1/Xp/MzCt8/9DcSNE9cuia=",
                  "/push/v1/history/device/Xp/MzCt8/9DcSNE9cuia="):
         record = access_record(f'"GET {path} HTTP/1.1" 200 -')
         assert RequestLogFilter().filter(record)
@@ -21,10 +25,22 @@ def test_access_log_lines_shorten_pushkeys_in_paths():
         assert "HTTP/1.1\" 200" in message
 
 
-def test_other_lines_pass_unchanged():
-    record = access_record('"GET /push/v1/pushers HTTP/1.1" 200 -')
+def test_seed_era_paths_keep_as_much_of_the_pushkey_as_the_others():
+    def redacted(path):
+        record = access_record(f'"GET {path}Xp%2FMzCt8%2F9DcSNE9cuia%3D HTTP/1.1" 200 -')
+        RequestLogFilter().filter(record)
+        return record.getMessage()
+
+    assert redacted("/channels/v1/") == redacted("/push/v1/channels/").replace(
+        "/push/v1/channels/", "/channels/v1/")
+    assert "/channels/v1/Xp%2FM…" in redacted("/channels/v1/")
+
+
+@pytest.mark.parametrize("path", ["/push/v1/pushers", "/channels/v1", "/pushers/v1/set"])
+def test_other_lines_pass_unchanged(path):
+    record = access_record(f'"GET {path} HTTP/1.1" 200 -')
     RequestLogFilter().filter(record)
-    assert record.getMessage().endswith('"GET /push/v1/pushers HTTP/1.1" 200 -')
+    assert record.getMessage().endswith(f'"GET {path} HTTP/1.1" 200 -')
 
 
 def test_redact_keeps_only_a_prefix():

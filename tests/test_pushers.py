@@ -1,4 +1,5 @@
-"""POST /push/v1/pushers/set and GET /push/v1/pushers (SPEC section 1), with encryption (4)."""
+"""POST /pushers/set and GET /pushers (SPEC section 1), with encryption (4); each test under
+/push/v1 and under the seed-era paths (/pushers/v1/set, /pushers/v1)."""
 
 import json
 import os
@@ -6,14 +7,24 @@ import stat
 import time
 
 import pytest
-from support import ISS, Api, assert_error, encryption, fetch, stored_bytes, pusher_body
+from support import (
+    ISS,
+    PUSH_V1,
+    SEED_ERA,
+    Api,
+    assert_error,
+    encryption,
+    fetch,
+    stored_bytes,
+    pusher_body,
+)
 
 import app as app_module
 import crypto
 from models import ChannelState, EncryptionKey, Pusher, db
 
-SET = "/push/v1/pushers/set"
-LIST = "/push/v1/pushers"
+pytestmark = pytest.mark.client_api
+
 OTHER_ISS = "ff" * 32
 
 with open(os.path.join(os.path.dirname(__file__), "vectors", "crypto.json")) as f:
@@ -239,10 +250,12 @@ def test_data_url_is_required(api, alice):
     "https://gw.example/_matrix/push/v1/notify",
     "https://gw.example/push/v1/notify",
     "https://gw.example/push/v1/",
+    "https://gw.example/push/v1",  # a gematik base as the concept's examples write it
+    "https://gw.example:8443/tenant/push/v1",
     "https://gw.example:8443/tenant/push/v1/notify",
     "https://gw.example/push/v1/notify?tenant=1",
 ])
-def test_gateway_url_ending_in_a_notify_path_is_accepted(api, alice, url):
+def test_gateway_url_ending_in_a_notify_path_or_a_base_is_accepted(api, alice, url):
     assert api.set_pusher(alice, pusher_body(url=url)).status_code == 200
     assert api.pushers(alice)[0]["data"]["url"] == url
 
@@ -250,7 +263,8 @@ def test_gateway_url_ending_in_a_notify_path_is_accepted(api, alice, url):
 @pytest.mark.parametrize("url", [
     "https://gw.example/",
     "https://gw.example",
-    "https://gw.example/push/v1",
+    "https://gw.example/push/v1x",
+    "https://gw.example/push/v1//",
     "https://gw.example/push/v1/notify/",
     "https://gw.example/_matrix/push/v1/notifyx",
     "https://gw.example/push/v2/notify",
@@ -268,28 +282,27 @@ def test_gateway_url_that_is_not_a_notify_url_is_refused(api, alice, url):
     assert api.pushers(alice) == []
 
 
-def test_plain_http_gateway_is_refused_unless_the_operator_allows_it(make_app, alice):
-    strict = make_app(ALLOW_HTTP_GATEWAYS=False).test_client()
+def test_plain_http_gateway_is_refused_unless_the_operator_allows_it(make_api, alice):
+    strict = make_api(ALLOW_HTTP_GATEWAYS=False)
     body = pusher_body(url="http://gw.example/push/v1/notify")
-    assert "https" in assert_error(Api(strict).set_pusher(alice, body), 400, "M_INVALID_PARAM")
-    assert Api(strict).set_pusher(alice, pusher_body()).status_code == 200
-    relaxed = make_app(ALLOW_HTTP_GATEWAYS=True).test_client()
-    assert Api(relaxed).set_pusher(alice, body).status_code == 200
+    assert "https" in assert_error(strict.set_pusher(alice, body), 400, "M_INVALID_PARAM")
+    assert strict.set_pusher(alice, pusher_body()).status_code == 200
+    relaxed = make_api(ALLOW_HTTP_GATEWAYS=True)
+    assert relaxed.set_pusher(alice, body).status_code == 200
 
 
-def test_gateway_allow_list_restricts_url_prefixes(make_app, alice):
-    client = make_app(
-        GATEWAY_ALLOWLIST="https://good.example/, https://shared.example/tenant-a/").test_client()
+def test_gateway_allow_list_restricts_url_prefixes(make_api, alice):
+    api = make_api(GATEWAY_ALLOWLIST="https://good.example/, https://shared.example/tenant-a/")
     for url in ("https://good.example/push/v1/notify",
                 "https://shared.example/tenant-a/_matrix/push/v1/notify"):
-        assert Api(client).set_pusher(alice, pusher_body(url=url)).status_code == 200
+        assert api.set_pusher(alice, pusher_body(url=url)).status_code == 200
     for url in ("https://evil.example/push/v1/notify",
                 "https://shared.example/tenant-b/push/v1/notify",
                 "https://good.example.evil.example/push/v1/notify"):
-        response = Api(client).set_pusher(alice, pusher_body("pk2", url=url))
+        response = api.set_pusher(alice, pusher_body("pk2", url=url))
         error = assert_error(response, 400, "M_INVALID_PARAM")
         assert "allow-list" in error
-    assert [p["pushkey"] for p in Api(client).pushers(alice)] == ["pk1"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
 
 
 def test_data_size_is_bounded(api, alice):
@@ -334,7 +347,7 @@ def test_append_false_removes_that_pusher_of_other_users_with_its_channel_states
     assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
     assert fetch(ChannelState.select()) == []
     register(bob, "pk1", append=True)  # back again: the old state did not survive
-    assert api.channels(bob, "pk1") == {"c1": "not_set"}
+    assert api.channels(bob, "pk1") == {"c1": "disabled"}  # the channel's default
 
 
 def test_append_false_is_the_default(api, alice, user_token, register):
@@ -378,43 +391,43 @@ def test_append_true_keeps_other_users_pushers_and_states(api, client, alice, us
     assert [p["pushkey"] for p in api.pushers(bob)] == ["pk1"]
     assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1"]
     assert api.channels(bob, "pk1") == {"c1": "enabled"}
-    assert api.channels(alice, "pk1") == {"c1": "not_set"}
+    assert api.channels(alice, "pk1") == {"c1": "disabled"}  # never set: the default
 
 
 # --- per-user cap ---------------------------------------------------------------------------
 
 
-def test_pusher_cap_refuses_one_more_with_403(make_app, alice, user_token):
+def test_pusher_cap_refuses_one_more_with_403(make_api, alice, user_token):
     bob = user_token("bob")
-    client = make_app(MAX_PUSHERS_PER_USER=2).test_client()
+    api = make_api(MAX_PUSHERS_PER_USER=2)
     for pushkey in ("pk1", "pk2"):
-        assert Api(client).set_pusher(alice, pusher_body(pushkey)).status_code == 200
-    response = Api(client).set_pusher(alice, pusher_body("pk3"))
+        assert api.set_pusher(alice, pusher_body(pushkey)).status_code == 200
+    response = api.set_pusher(alice, pusher_body("pk3"))
     assert_error(response, 403, "M_RESOURCE_LIMIT_EXCEEDED")
-    assert [p["pushkey"] for p in Api(client).pushers(alice)] == ["pk1", "pk2"]
+    assert [p["pushkey"] for p in api.pushers(alice)] == ["pk1", "pk2"]
     # The cap is per user.
-    assert Api(client).set_pusher(bob, pusher_body("pk3")).status_code == 200
+    assert api.set_pusher(bob, pusher_body("pk3")).status_code == 200
 
 
-def test_updating_an_existing_pusher_at_the_cap_still_works(make_app, alice):
-    client = make_app(MAX_PUSHERS_PER_USER=2).test_client()
+def test_updating_an_existing_pusher_at_the_cap_still_works(make_api, alice):
+    api = make_api(MAX_PUSHERS_PER_USER=2)
     for pushkey in ("pk1", "pk2"):
-        Api(client).set_pusher(alice, pusher_body(pushkey))
-    assert Api(client).set_pusher(alice, pusher_body("pk2", lang="fr")).status_code == 200
-    assert [p["lang"] for p in Api(client).pushers(alice)] == ["en", "fr"]
-    Api(client).set_pusher(alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
-    assert Api(client).set_pusher(alice, pusher_body("pk3")).status_code == 200
+        api.set_pusher(alice, pusher_body(pushkey))
+    assert api.set_pusher(alice, pusher_body("pk2", lang="fr")).status_code == 200
+    assert [p["lang"] for p in api.pushers(alice)] == ["en", "fr"]
+    api.set_pusher(alice, {"kind": None, "app_id": "com.example.app", "pushkey": "pk1"})
+    assert api.set_pusher(alice, pusher_body("pk3")).status_code == 200
 
 
-def test_a_refused_pusher_over_the_cap_changes_nothing(make_app, alice, user_token):
+def test_a_refused_pusher_over_the_cap_changes_nothing(make_api, alice, user_token):
     bob = user_token("bob")
-    client = make_app(MAX_PUSHERS_PER_USER=1).test_client()
-    Api(client).set_pusher(alice, pusher_body("pk1"))
-    Api(client).set_pusher(bob, pusher_body("shared", append=True))
-    response = Api(client).set_pusher(alice, pusher_body("shared", append=False,
-                                                     encryption=encryption("new-key")))
+    api = make_api(MAX_PUSHERS_PER_USER=1)
+    api.set_pusher(alice, pusher_body("pk1"))
+    api.set_pusher(bob, pusher_body("shared", append=True))
+    response = api.set_pusher(alice, pusher_body("shared", append=False,
+                                             encryption=encryption("new-key")))
     assert response.status_code == 403
-    assert [p["pushkey"] for p in Api(client).pushers(bob)] == ["shared"]
+    assert [p["pushkey"] for p in api.pushers(bob)] == ["shared"]
     assert fetch(EncryptionKey.select()) == []
 
 
@@ -433,10 +446,11 @@ def test_a_refused_update_leaves_the_pusher_as_it_was(api, alice, register):
 @pytest.mark.parametrize("change", [
     {"method": "aes-gcm"},
     {"method": ""},
-    {"initial_key_period": "2024-13"},
-    {"initial_key_period": "2024-1"},
-    {"initial_key_period": "24-11"},
-    {"initial_key_period": "2024/11"},
+    {"time_iss_created": "2024-13"},
+    {"time_iss_created": "2024-1"},
+    {"time_iss_created": "24-11"},
+    {"time_iss_created": "2024/11"},
+    {"initial_key_period": "2024-13"},  # the seed-era alias is checked the same way
     {"iss": ISS[:-2]},
     {"iss": ISS + "00"},
     {"iss": "g" + ISS[1:]},
@@ -451,7 +465,7 @@ def test_bad_encryption_values_are_invalid_param(api, alice, change):
     assert fetch(EncryptionKey.select()) == []
 
 
-@pytest.mark.parametrize("field", ["method", "initial_key_period", "iss", "key_identifier"])
+@pytest.mark.parametrize("field", ["method", "time_iss_created", "iss", "key_identifier"])
 def test_missing_encryption_fields_are_missing_param(api, alice, field):
     enc = encryption()
     del enc[field]
@@ -466,15 +480,16 @@ def test_key_identifier_of_128_characters_and_uppercase_iss_are_accepted(api, al
     assert api.pushers(alice)[0]["encryption"]["key_identifier"] == "k" * 128
 
 
-def test_get_pushers_shows_only_method_and_key_identifier(client, alice, register):
+def test_get_pushers_shows_only_method_and_key_identifier(api, alice, register):
     register(alice, "pk1", encryption=encryption("key-1"))
     register(alice, "pk2")
-    response = client.get(LIST, headers=alice)
+    response = api.client.get(api.paths.pushers, headers=alice)
     first, second = response.get_json()["pushers"]
     assert first["encryption"] == {"method": "aes-hmac-sha256", "key_identifier": "key-1"}
     assert "encryption" not in second
     text = response.get_data(as_text=True).lower()
-    assert ISS not in text and "iss" not in text and "initial_key_period" not in text
+    assert ISS not in text and "iss" not in text
+    assert "time_iss_created" not in text and "initial_key_period" not in text
 
 
 def test_the_iss_and_derived_keys_never_reach_the_instance_folder(app, client, alice, register):
@@ -503,9 +518,9 @@ def test_stored_generation_opens_to_the_first_generation_of_the_vectors(app, cli
         first["period"], first["secret"], first["aes_key"])
 
 
-def test_upstream_latest_name_time_iss_created_is_accepted(app, api, alice):
+def test_seed_era_name_initial_key_period_is_accepted_as_an_alias(app, api, alice):
     chain = CHAINS[0]
-    enc = {"method": "aes-hmac-sha256", "time_iss_created": chain["initial_key_period"],
+    enc = {"method": "aes-hmac-sha256", "initial_key_period": chain["initial_key_period"],
            "iss": chain["iss"], "key_identifier": "f47ac10b-58cc-4372-a567-0e02b2c3d479"}
     assert api.set_pusher(alice, pusher_body(encryption=enc)).status_code == 200
     [row] = fetch(EncryptionKey.select())
@@ -515,11 +530,15 @@ def test_upstream_latest_name_time_iss_created_is_accepted(app, api, alice):
     assert opened.aes_key.hex() == chain["generations"][0]["aes_key"]
 
 
-def test_bad_time_iss_created_is_invalid_param(api, alice):
-    enc = encryption()
-    del enc["initial_key_period"]
-    enc["time_iss_created"] = "2024-13"
-    assert_error(api.set_pusher(alice, pusher_body(encryption=enc)), 400, "M_INVALID_PARAM")
+def test_both_period_names_are_accepted_only_when_they_agree(api, alice):
+    disagree = {**encryption("key-1", period="2024-11"), "initial_key_period": "2024-10"}
+    error = assert_error(api.set_pusher(alice, pusher_body(encryption=disagree)), 400,
+                         "M_INVALID_PARAM")
+    assert "encryption.initial_key_period" in error
+    assert api.pushers(alice) == [] and fetch(EncryptionKey.select()) == []
+    agree = {**encryption("key-1", period="2024-11"), "initial_key_period": "2024-11"}
+    assert api.set_pusher(alice, pusher_body(encryption=agree)).status_code == 200
+    assert [k.period for k in fetch(EncryptionKey.select())] == ["2024-11"]
 
 
 def test_server_key_file_is_created_with_mode_0600(app, alice, register):
@@ -592,24 +611,24 @@ def test_switching_to_a_new_key_identifier_drops_the_old_key(api, alice, registe
     assert api.pushers(alice)[0]["encryption"]["key_identifier"] == "key-2"
 
 
-def test_encryption_required_policy_refuses_plain_pushers(make_app, alice):
-    client = make_app(ENCRYPTION="required").test_client()
-    response = Api(client).set_pusher(alice, pusher_body())
+def test_encryption_required_policy_refuses_plain_pushers(make_api, alice):
+    api = make_api(ENCRYPTION="required")
+    response = api.set_pusher(alice, pusher_body())
     assert assert_error(response, 400, "M_MISSING_PARAM") == "Missing parameters: encryption"
-    assert Api(client).pushers(alice) == []
-    assert Api(client).set_pusher(alice, pusher_body(encryption=encryption())).status_code == 200
-    response = Api(client).set_pusher(alice, {"kind": None, "app_id": "com.example.app",
-                                          "pushkey": "pk1"})
+    assert api.pushers(alice) == []
+    assert api.set_pusher(alice, pusher_body(encryption=encryption())).status_code == 200
+    response = api.set_pusher(alice, {"kind": None, "app_id": "com.example.app",
+                                      "pushkey": "pk1"})
     assert response.status_code == 200
-    assert Api(client).pushers(alice) == []
+    assert api.pushers(alice) == []
 
 
-def test_encryption_forbidden_policy_refuses_encrypted_pushers(make_app, alice):
-    client = make_app(ENCRYPTION="forbidden").test_client()
-    response = Api(client).set_pusher(alice, pusher_body(encryption=encryption()))
+def test_encryption_forbidden_policy_refuses_encrypted_pushers(make_api, alice):
+    api = make_api(ENCRYPTION="forbidden")
+    response = api.set_pusher(alice, pusher_body(encryption=encryption()))
     assert_error(response, 400, "M_INVALID_PARAM")
     assert fetch(EncryptionKey.select()) == []
-    assert Api(client).set_pusher(alice, pusher_body()).status_code == 200
+    assert api.set_pusher(alice, pusher_body()).status_code == 200
 
 
 def test_encryption_optional_by_default_takes_both(api, alice):
@@ -617,3 +636,22 @@ def test_encryption_optional_by_default_takes_both(api, alice):
     assert api.set_pusher(alice, pusher_body("sealed", encryption=encryption())).status_code \
         == 200
     assert ["encryption" in p for p in api.pushers(alice)] == [False, True]
+
+
+# --- the two path sets ------------------------------------------------------------------------
+
+
+def test_both_path_sets_serve_the_same_pushers_and_states(client, alice, channel):
+    channel("a")
+    push_v1, seed_era = Api(client, PUSH_V1), Api(client, SEED_ERA)
+    push_v1.register(alice, "ab/c+d=", encryption=encryption("key-1"))
+    seed_era.register(alice, "pk2")
+    assert seed_era.pushers(alice) == push_v1.pushers(alice)
+    assert seed_era.pushkeys(alice) == ["ab/c+d=", "pk2"]
+    response = seed_era.set_channels(alice, "ab/c+d=", ("a", "enabled"), encode=True)
+    assert response.status_code == 200
+    assert push_v1.channels(alice, "ab/c+d=") == seed_era.channels(alice, "ab/c+d=") == {
+        "a": "enabled"}
+    seed_era.unregister(alice, "ab/c+d=")
+    assert push_v1.pushkeys(alice) == ["pk2"]
+    assert fetch(ChannelState.select()) == [] and fetch(EncryptionKey.select()) == []
