@@ -12,7 +12,6 @@ import re
 import secrets
 import threading
 import time
-import uuid
 from collections import Counter
 
 from flask import Flask, current_app, g, request
@@ -26,25 +25,29 @@ from werkzeug.routing import PathConverter
 import cli
 import crypto
 import delivery
+import metrics
+import migrations
 from models import (
     Channel,
     ChannelState,
     Delivery,
     EncryptionKey,
     Notification,
+    NotQueued,
     Pusher,
     Token,
-    User,
-    create_schema,
+    audit,
     db,
     delete_pusher,
     drop_unused_key,
     lock_user,
     now,
     open_database,
+    queue_notification,
     sqlite_path,
     token_digest,
     transaction,
+    user_name,
 )
 from schemas import (
     SCHEMA_CONSTRAINTS,
@@ -91,6 +94,9 @@ DEFAULTS = {
     "WORKER_CLAIM": 200,
     "WORKER_POLL_SECONDS": 1.0,
     "DELIVERY_LEASE_SECONDS": 120.0,
+    "METRICS_TOKEN": None,  # None: /metrics needs no token
+    "AUDIT_DAYS": 90.0,
+    "LOG_FORMAT": "text",
 }
 
 ENCRYPTION_POLICIES = ("optional", "required", "forbidden")
@@ -117,7 +123,9 @@ def create_app(test_config=None, instance_path=None):
 
     url = app.config["DATABASE_URL"] or sqlite_path(app.instance_path)
     db.initialize(open_database(url))
-    create_schema(os.path.join(app.instance_path, ".schema.lock"))
+    # Every process brings the schema up to date at start (a second run changes nothing).
+    app.extensions["push_schema_steps_applied"] = migrations.upgrade(
+        os.path.join(app.instance_path, migrations.LOCK_FILE))
     app.extensions["push_server_key"] = crypto.ServerKey.load(
         app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
     )
@@ -148,6 +156,7 @@ def create_app(test_config=None, instance_path=None):
 
     cli.init_app(app)
     delivery.init_app(app)
+    metrics.init_app(app)
     return app
 
 
@@ -498,7 +507,7 @@ class PusherSet(MethodView):
         if body["kind"] is None:
             with transaction():
                 for pusher in Pusher.select().where(match):
-                    delete_pusher(pusher)
+                    delete_pusher(pusher, "removed by its user")
             return {}
 
         encryption = body.get("encryption")
@@ -542,17 +551,19 @@ def save_pusher(user_id, body, values, encryption):
         if Pusher.select().where(Pusher.user == user_id).count() >= limit:
             abort(403, "M_RESOURCE_LIMIT_EXCEEDED", f"A user may have at most {limit} pushers")
         Pusher.create(user=user_id, app_id=body["app_id"], pushkey=body["pushkey"], **values)
+        audit(user_id, body["app_id"], body["pushkey"], "registered", "registered by its user")
     else:
         old_key = pusher.encryption_key_id
         Pusher.update(values).where(Pusher.id == pusher.id).execute()
         if old_key is not None and old_key != getattr(values["encryption_key"], "id", None):
             drop_unused_key(old_key)
+        audit(user_id, body["app_id"], body["pushkey"], "updated", "updated by its user")
     if not body["append"]:
         others = Pusher.select().where(
             (Pusher.app_id == body["app_id"]) & (Pusher.pushkey == body["pushkey"])
             & (Pusher.user != user_id))
         for other in others:
-            delete_pusher(other)
+            delete_pusher(other, f"taken over by user {user_name(user_id)} (append: false)")
 
 
 # --- channels -------------------------------------------------------------------------------
@@ -650,20 +661,6 @@ notifications_blp = PushBlueprint("notifications", __name__, token="service",
                                   description="Send notifications (service token)")
 
 
-def recipients(user_id, channel):
-    """The user's pushers whose device gets ``channel`` (explicit state, else the default)."""
-    state = ChannelState.alias()
-    on = ((state.user == Pusher.user) & (state.pushkey == Pusher.pushkey)
-          & (state.channel == channel.id))
-    wanted = state.status == "enabled"
-    if channel.default_status == "enabled":
-        wanted = wanted | state.status.is_null()
-    return (Pusher.select(Pusher.id, Pusher.pushkey)
-            .join(state, JOIN.LEFT_OUTER, on=on)
-            .where((Pusher.user == user_id) & wanted)
-            .order_by(Pusher.id))
-
-
 @notifications_blp.route("/notifications")
 class Notifications(MethodView):
     @notifications_blp.arguments(NotificationRequestSchema)
@@ -671,52 +668,17 @@ class Notifications(MethodView):
     @notifications_blp.errors(400, 413)
     def post(self, body):
         """Queue one notification for every subscribed device of a user."""
-        service_id = g.service_id
-        payload = compact_json(body["payload"])
-        if len(payload) > crypto.MAX_PAYLOAD_BYTES:
-            abort(413, "M_TOO_LARGE", f"payload is {len(payload)} bytes of JSON;"
-                                      f" at most {crypto.MAX_PAYLOAD_BYTES} fit")
-        channel = Channel.get_or_none(Channel.id == body["channel"])
-        if channel is None:
-            abort(400, "M_INVALID_PARAM", f"Unknown channel: {body['channel']}")
-        identifier = body.get("identifier")
         try:
-            with transaction():
-                if identifier is not None:
-                    earlier = Notification.get_or_none((Notification.service == service_id)
-                                                       & (Notification.identifier == identifier))
-                    if earlier is not None:
-                        return created(earlier.id)
-                user = User.get_or_none(User.name == body["user_id"])
-                created_at = time.time()
-                notification = Notification.create(
-                    id=uuid.uuid4().hex, service=service_id, identifier=identifier,
-                    user=user, channel=channel.id, payload=payload.decode(), prio=body["prio"],
-                    counts=json.dumps(body["counts"]) if "counts" in body else None,
-                    created_at=created_at,
-                )
-                rows = [] if user is None else [
-                    {"notification": notification.id, "pusher": p.id, "user": user.id,
-                     "pushkey": p.pushkey, "next_attempt_at": created_at,
-                     "created_at": created_at}
-                    for p in recipients(user.id, channel)
-                ]
-                for start in range(0, len(rows), 500):
-                    Delivery.insert_many(rows[start:start + 500]).execute()
-        except IntegrityError:
-            # The same identifier raced in from another process; answer with the winner.
-            earlier = Notification.get((Notification.service == service_id)
-                                       & (Notification.identifier == identifier))
-            return created(earlier.id)
-        if rows:
+            notification_id, deliveries, new = queue_notification(
+                g.service_id, body["user_id"], body["channel"], compact_json(body["payload"]),
+                body["prio"], body.get("counts"), body.get("identifier"))
+        except NotQueued as e:
+            abort(e.status, e.errcode, str(e))
+        if new:
+            metrics.notification_accepted()
+        if new and deliveries:
             delivery.wake()
-        return {"notification_id": notification.id, "deliveries": len(rows)}
-
-
-def created(notification_id):
-    """The 202 body of an already stored notification."""
-    count = Delivery.select().where(Delivery.notification == notification_id).count()
-    return {"notification_id": notification_id, "deliveries": count}
+        return {"notification_id": notification_id, "deliveries": deliveries}
 
 
 # --- history --------------------------------------------------------------------------------

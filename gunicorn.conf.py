@@ -17,3 +17,10 @@ def post_worker_init(worker):
     import delivery
 
     delivery.serving(worker.wsgi)
+
+
+def on_starting(server):
+    """Before the workers fork: the metrics folder they all share, cleared of dead processes."""
+    import metrics
+
+    metrics.server_starting()

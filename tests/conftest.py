@@ -6,12 +6,15 @@ Helpers that are not fixtures live in support.py (in-process) and servers.py (pr
 
 import itertools
 import os
+import shutil
+import tempfile
 
 import pytest
 from servers import Cluster, Unavailable, server_binaries
 from support import TEST_CONFIG, Api, Gateway, bearer, cli_token
 
 from app import create_app
+from metrics import FOLDER_VARIABLE as METRICS_FOLDER
 from models import db
 
 _saved_environment = {}
@@ -19,12 +22,15 @@ _saved_environment = {}
 
 def pytest_configure(config):
     """The suite never inherits the developer's shell: no PUSH_* variable reaches an app (an
-    exported PUSH_DATABASE_URL must never point the tests at a real database)."""
-    for key in [k for k in os.environ if k.startswith("PUSH_")]:
+    exported PUSH_DATABASE_URL must never point the tests at a real database). The apps of
+    this process count their metrics in a folder of the session's own (metrics.py)."""
+    for key in [k for k in os.environ if k.startswith("PUSH_") or k == METRICS_FOLDER]:
         _saved_environment[key] = os.environ.pop(key)
+    os.environ[METRICS_FOLDER] = tempfile.mkdtemp(prefix="push-test-metrics-")
 
 
 def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop(METRICS_FOLDER), ignore_errors=True)
     os.environ.update(_saved_environment)
 
 
