@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from marshmallow import ValidationError
 from peewee import SqliteDatabase
 
@@ -334,6 +334,7 @@ def audit_command(user_id, since):
 
 @click.command("backup")
 @click.argument("path", type=click.Path(dir_okay=False))
+@with_appcontext
 def backup_command(path):
     """Copy the live SQLite database to PATH, consistently, while the server runs."""
     if not isinstance(db.obj, SqliteDatabase):
