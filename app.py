@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timezone
 
 from flask import Flask, current_app, g, request
 from flask.views import MethodView
@@ -101,6 +102,7 @@ DEFAULTS = {
 }
 
 ENCRYPTION_POLICIES = ("optional", "required", "forbidden")
+LOG_FORMATS = ("text", "json")
 PREFIX = "/push/v1"
 
 
@@ -118,7 +120,7 @@ def create_app(test_config=None, instance_path=None):
     # (set before any rule is added: rules take the map's setting when they are bound).
     app.url_map.merge_slashes = False
     unread = configure(app, test_config)
-    setup_logging()
+    setup_logging(app.config["LOG_FORMAT"])
     for name in unread:
         log.warning("%s, but no setting reads it", name)
 
@@ -198,11 +200,15 @@ def configure(app, test_config):
     return unread
 
 
-def setup_logging():
-    """Log to stderr at INFO (unless the host set up logging), pushkeys redacted, no SQL."""
-    if not logging.getLogger().handlers:
+def setup_logging(log_format="text"):
+    """Log to stderr at INFO (unless the host set up logging), pushkeys redacted, no SQL;
+    with ``log_format`` "json", one JSON object per line (``JsonFormatter``)."""
+    root = logging.getLogger()
+    if not root.handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if log_format == "json":
+            root.handlers[0].setFormatter(JsonFormatter())
     # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
     logging.getLogger("peewee").setLevel(logging.INFO)
     for name in ("werkzeug", "gunicorn.access"):
@@ -236,8 +242,29 @@ def normalize_config(config):
         raise RuntimeError("PUSH_DELIVERY_LEASE_SECONDS must exceed PUSH_GATEWAY_CONNECT_TIMEOUT"
                            " + PUSH_GATEWAY_READ_TIMEOUT: a worker sends nothing it might still"
                            " be sending when its lease runs out")
+    if config["LOG_FORMAT"] not in LOG_FORMATS:
+        raise RuntimeError(f"PUSH_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
     if config["ENCRYPTION"] not in ENCRYPTION_POLICIES:
         raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one line of JSON: time (UTC), level, logger, message, and the
+    exception's traceback when there is one."""
+
+    def format(self, record):
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 class RedactPushkeys(logging.Filter):

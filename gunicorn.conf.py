@@ -4,6 +4,10 @@ gunicorn also reads this file by itself when it is started from this folder. Set
 the command line win over the ones here.
 """
 
+import os
+
+from gunicorn.glogging import Logger
+
 wsgi_app = "app:create_app()"
 bind = "127.0.0.1:8000"
 workers = 4
@@ -24,3 +28,19 @@ def on_starting(server):
     import metrics
 
     metrics.server_starting()
+
+
+class PushLogger(Logger):
+    """gunicorn's own lines, as JSON objects too when PUSH_LOG_FORMAT=json (environment)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        if os.environ.get("PUSH_LOG_FORMAT", "").strip().lower() == "json":
+            from app import JsonFormatter
+
+            for log in (self.error_log, self.access_log):
+                for handler in log.handlers:
+                    handler.setFormatter(JsonFormatter())
+
+
+logger_class = PushLogger
