@@ -1,7 +1,8 @@
 """The push-notification service: app factory, errors, auth and the HTTP API.
 
 Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app()'``. The
-operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.py``.
+operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.py``, schema
+upgrades in ``migrations.py``, ``/metrics`` in ``metrics.py`` and ``/docs`` in ``docs.py``.
 """
 
 import json

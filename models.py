@@ -4,6 +4,9 @@ Times are unix seconds (integers, or floats where sub-second scheduling matters)
 schema works on SQLite and PostgreSQL. On PostgreSQL the floats must be DOUBLE PRECISION
 (``DoubleField``): peewee's ``FloatField`` becomes REAL there, whose 24-bit mantissa rounds a
 unix time to 128 seconds. The integers are BIGINT so they outlive 2038.
+
+A model here is what a new database gets; an existing database gets the same change through a
+step in ``migrations.py``.
 """
 
 import hashlib
