@@ -72,7 +72,9 @@ def init_app(app):
     """Choose this process's metrics folder, count every request, serve ``/metrics``."""
     folder = os.environ.setdefault(FOLDER_VARIABLE, os.path.join(app.instance_path, "metrics"))
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    app.before_request(start_timer)
+    # First of all hooks, so that a request another hook answers early (a bad token, a rate
+    # limit) is timed and counted too.
+    app.before_request_funcs.setdefault(None, []).insert(0, start_timer)
     app.after_request(count_request)
     app.add_url_rule("/metrics", "metrics", serve_metrics)
 

@@ -129,9 +129,9 @@ def test_totals_add_up_across_four_gunicorn_workers_and_a_worker_command(make_ap
             # Deliveries are made by a separate worker process, after all were queued.
             worker = start_worker(env, tmp_path / "worker.log")
             try:
-                wait_until(lambda: scrape_server(server.port).get(
-                    ("push_deliveries_total", (("outcome", "delivered"),))) == 9, 60,
-                    "nine deliveries")
+                wait_until(lambda: len(gateway.requests) == 16 and value(
+                    scrape_server(server.port), "push_deliveries_pending") == 0, 60,
+                    "every delivery to be sent and recorded")
             finally:
                 worker.terminate()
                 worker.wait(timeout=30)

@@ -217,14 +217,20 @@ def serve_restored(env, tmp_path, alice, erp, gateway, notifications):
         status, answer = call(server.port, "GET", "/push/v1/pushers", token=alice)
         assert status == 200
         assert [p["pushkey"] for p in answer["pushers"]] == ["phone-0", "phone-1", "phone-2"]
-        wait_until(lambda: len(gateway.notifications()) == 3 * notifications, 120,
+        wait_until(lambda: states(env) == [("delivered", 3 * notifications)], 120,
                    "every delivery of the restored copy")
         assert "Traceback" not in server.log()
+    assert len(gateway.notifications()) == 3 * notifications
     payloads = {json.dumps(phone_decrypt(ISS, "2024-11", n)) for n in gateway.notifications()}
     assert len(payloads) == notifications
-    restored = sqlite3.connect(os.path.join(env["PUSH_INSTANCE_PATH"], "push.sqlite3"))
+
+
+def states(env):
+    """[(delivery state, count)] in the instance's database."""
+    database = sqlite3.connect(os.path.join(env["PUSH_INSTANCE_PATH"], "push.sqlite3"),
+                               timeout=30)
     try:
-        assert restored.execute("SELECT state, COUNT(*) FROM delivery GROUP BY state"
-                                ).fetchall() == [("delivered", 3 * notifications)]
+        return database.execute("SELECT state, COUNT(*) FROM delivery GROUP BY state"
+                                ).fetchall()
     finally:
-        restored.close()
+        database.close()
