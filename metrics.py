@@ -87,6 +87,7 @@ def instruments():
 
 @functools.cache
 def make_instruments():
+    """Define the counters and histograms (once per process)."""
     from prometheus_client import Counter, Histogram
 
     return SimpleNamespace(
