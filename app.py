@@ -1,7 +1,8 @@
 """The push-notification service: app factory, errors, auth and the HTTP API.
 
 Run it with ``flask --app app run`` (development) or ``gunicorn 'app:create_app()'``. The
-operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.py``.
+operator commands are in ``cli.py``, delivery in ``delivery.py`` and ``gateway.py``, schema
+upgrades in ``migrations.py``, ``/metrics`` in ``metrics.py`` and ``/docs`` in ``docs.py``.
 """
 
 import contextlib
@@ -13,8 +14,8 @@ import os
 import re
 import secrets
 import time
-import uuid
 from collections import Counter
+from datetime import datetime, timezone
 
 import flask
 from flask import Flask, current_app, g, request
@@ -28,6 +29,9 @@ from werkzeug.routing import PathConverter
 import cli
 import crypto
 import delivery
+import docs
+import metrics
+import migrations
 from gateway import log_safe
 from models import (
     Channel,
@@ -35,20 +39,22 @@ from models import (
     Delivery,
     EncryptionKey,
     Notification,
+    NotQueued,
     Pusher,
     Token,
-    User,
-    create_schema,
+    audit,
     db,
     delete_pusher,
     drop_unused_key,
     lock_user,
     now,
     open_database,
+    queue_notification,
     rate_counters,
     sqlite_path,
     token_digest,
     transaction,
+    user_name,
 )
 from schemas import (
     SCHEMA_CONSTRAINTS,
@@ -97,9 +103,13 @@ DEFAULTS = {
     "WORKER_CLAIM": 200,
     "WORKER_POLL_SECONDS": 1.0,
     "DELIVERY_LEASE_SECONDS": 120.0,
+    "METRICS_TOKEN": None,  # None: /metrics needs no token
+    "AUDIT_DAYS": 90.0,
+    "LOG_FORMAT": "text",
 }
 
 ENCRYPTION_POLICIES = ("optional", "required", "forbidden")
+LOG_FORMATS = ("text", "json")
 PREFIX = "/push/v1"
 
 
@@ -122,10 +132,11 @@ def create_app(test_config=None, instance_path=None):
         log.warning("%s, but no setting reads it", name)
 
     url = app.config["DATABASE_URL"] or sqlite_path(app.instance_path)
-    lock_path = os.path.join(app.instance_path, ".schema.lock")
+    lock_path = os.path.join(app.instance_path, migrations.LOCK_FILE)
     with private_files():
         db.initialize(open_database(url))
-        create_schema(lock_path)
+        # Every process brings the schema up to date at start (a second run changes nothing).
+        app.extensions["push_schema_steps_applied"] = migrations.upgrade(lock_path)
         app.extensions["push_server_key"] = crypto.ServerKey.load(
             app.config["SERVER_KEY"], os.path.join(app.instance_path, "server.key")
         )
@@ -169,7 +180,9 @@ def create_app(test_config=None, instance_path=None):
         api.spec.components.schemas[name].update(constraints)
 
     cli.init_app(app)
+    docs.init_app(app)
     delivery.init_app(app)
+    metrics.init_app(app)
     return app
 
 
@@ -189,9 +202,7 @@ def configure(app, test_config):
         API_VERSION="1.0.0",
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
-        OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_JSON_PATH="openapi.json",  # /docs is served by docs.py, not flask-smorest
         # Every operation needs a bearer token: said once for the whole document.
         API_SPEC_OPTIONS={"security": [{"bearer": []}]},
     )
@@ -231,11 +242,15 @@ def warn_if_readable(path, what):
 
 
 def setup_logging(app):
-    """Log to stderr at INFO (unless the host set up logging), no SQL; lines that carry a
-    request's path are escaped and have pushkeys shortened."""
-    if not logging.getLogger().handlers:
+    """Log to stderr at INFO (unless the host set up logging), no SQL; with PUSH_LOG_FORMAT
+    "json", one JSON object per line (``JsonFormatter``). Lines that carry a request's path are
+    escaped and have pushkeys shortened."""
+    root = logging.getLogger()
+    if not root.handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if app.config["LOG_FORMAT"] == "json":
+            root.handlers[0].setFormatter(JsonFormatter())
     # peewee's DEBUG lines carry query parameters (pushkeys, token digests): keep them out.
     logging.getLogger("peewee").setLevel(logging.INFO)
     # Flask's own logger writes "Exception on <path>" for a 500.
@@ -275,6 +290,8 @@ def normalize_config(config):
         raise RuntimeError("PUSH_DELIVERY_LEASE_SECONDS must exceed PUSH_GATEWAY_CONNECT_TIMEOUT"
                            " + PUSH_GATEWAY_READ_TIMEOUT: a worker sends nothing it might still"
                            " be sending when its lease runs out")
+    if config["LOG_FORMAT"] not in LOG_FORMATS:
+        raise RuntimeError(f"PUSH_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
     if config["ENCRYPTION"] not in ENCRYPTION_POLICIES:
         raise RuntimeError(f"PUSH_ENCRYPTION must be one of {', '.join(ENCRYPTION_POLICIES)}")
 
@@ -288,6 +305,25 @@ def trusted_networks(value):
                      for item in value.split(",") if item.strip())
     except ValueError as e:
         raise RuntimeError(f"PUSH_TRUSTED_PROXIES: {e}")
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one line of JSON: time (UTC), level, logger, message, and the
+    exception's traceback when there is one."""
+
+    def format(self, record):
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 class RequestLogFilter(logging.Filter):
@@ -640,7 +676,7 @@ class PusherSet(MethodView):
         if body["kind"] is None:
             with transaction():
                 for pusher in Pusher.select().where(match):
-                    delete_pusher(pusher)
+                    delete_pusher(pusher, "removed by its user")
             return {}
 
         encryption = body.get("encryption")
@@ -684,17 +720,19 @@ def save_pusher(user_id, body, values, encryption):
         if Pusher.select().where(Pusher.user == user_id).count() >= limit:
             abort(403, "M_RESOURCE_LIMIT_EXCEEDED", f"A user may have at most {limit} pushers")
         Pusher.create(user=user_id, app_id=body["app_id"], pushkey=body["pushkey"], **values)
+        audit(user_id, body["app_id"], body["pushkey"], "registered", "registered by its user")
     else:
         old_key = pusher.encryption_key_id
         Pusher.update(values).where(Pusher.id == pusher.id).execute()
         if old_key is not None and old_key != getattr(values["encryption_key"], "id", None):
             drop_unused_key(old_key)
+        audit(user_id, body["app_id"], body["pushkey"], "updated", "updated by its user")
     if not body["append"]:
         others = Pusher.select().where(
             (Pusher.app_id == body["app_id"]) & (Pusher.pushkey == body["pushkey"])
             & (Pusher.user != user_id))
         for other in others:
-            delete_pusher(other)
+            delete_pusher(other, f"taken over by user {user_name(user_id)} (append: false)")
 
 
 # --- channels -------------------------------------------------------------------------------
@@ -796,21 +834,6 @@ notifications_blp = PushBlueprint("notifications", __name__, token="service",
                                   description="Send notifications (service token)")
 
 
-def recipients(user_id, channel):
-    """The user's pushers whose device gets ``channel``: its own state is ``enabled``, or it has
-    none and the channel's default is ``enabled`` (``not_set`` counts as disabled)."""
-    state = ChannelState.alias()
-    on = ((state.user == Pusher.user) & (state.pushkey == Pusher.pushkey)
-          & (state.channel == channel.id))
-    wanted = state.status == "enabled"
-    if channel.default_status == "enabled":
-        wanted = wanted | state.status.is_null()
-    return (Pusher.select(Pusher.id, Pusher.pushkey)
-            .join(state, JOIN.LEFT_OUTER, on=on)
-            .where((Pusher.user == user_id) & wanted)
-            .order_by(Pusher.id))
-
-
 @notifications_blp.route("/notifications")
 class Notifications(MethodView):
     @notifications_blp.arguments(NotificationRequestSchema)
@@ -818,52 +841,17 @@ class Notifications(MethodView):
     @notifications_blp.errors(400, 413)
     def post(self, body):
         """Queue one notification for every subscribed device of a user."""
-        service_id = g.service_id
-        payload = compact_json(body["payload"])
-        if len(payload) > crypto.MAX_PAYLOAD_BYTES:
-            abort(413, "M_TOO_LARGE", f"payload is {len(payload)} bytes of JSON;"
-                                      f" at most {crypto.MAX_PAYLOAD_BYTES} fit")
-        channel = Channel.get_or_none(Channel.id == body["channel"])
-        if channel is None:
-            abort(400, "M_INVALID_PARAM", f"Unknown channel: {body['channel']}")
-        identifier = body.get("identifier")
         try:
-            with transaction():
-                if identifier is not None:
-                    earlier = Notification.get_or_none((Notification.service == service_id)
-                                                       & (Notification.identifier == identifier))
-                    if earlier is not None:
-                        return created(earlier.id)
-                user = User.get_or_none(User.name == body["user_id"])
-                created_at = time.time()
-                notification = Notification.create(
-                    id=uuid.uuid4().hex, service=service_id, identifier=identifier,
-                    user=user, channel=channel.id, payload=payload.decode(), prio=body["prio"],
-                    counts=json.dumps(body["counts"]) if "counts" in body else None,
-                    created_at=created_at,
-                )
-                rows = [] if user is None else [
-                    {"notification": notification.id, "pusher": p.id, "user": user.id,
-                     "pushkey": p.pushkey, "next_attempt_at": created_at,
-                     "created_at": created_at}
-                    for p in recipients(user.id, channel)
-                ]
-                for start in range(0, len(rows), 500):
-                    Delivery.insert_many(rows[start:start + 500]).execute()
-        except IntegrityError:
-            # The same identifier raced in from another process; answer with the winner.
-            earlier = Notification.get((Notification.service == service_id)
-                                       & (Notification.identifier == identifier))
-            return created(earlier.id)
-        if rows:
+            notification_id, deliveries, new = queue_notification(
+                g.service_id, body["user_id"], body["channel"], compact_json(body["payload"]),
+                body["prio"], body.get("counts"), body.get("identifier"))
+        except NotQueued as e:
+            abort(e.status, e.errcode, str(e))
+        if new:
+            metrics.notification_accepted()
+        if new and deliveries:
             delivery.wake()
-        return {"notification_id": notification.id, "deliveries": len(rows)}
-
-
-def created(notification_id):
-    """The 202 body of an already stored notification."""
-    count = Delivery.select().where(Delivery.notification == notification_id).count()
-    return {"notification_id": notification_id, "deliveries": count}
+        return {"notification_id": notification_id, "deliveries": deliveries}
 
 
 # --- history --------------------------------------------------------------------------------

@@ -7,15 +7,28 @@ nothing. A command that prints a token prints it alone on its last line, for ``t
 """
 
 import functools
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from marshmallow import ValidationError
+from peewee import SqliteDatabase
 
 import delivery
+import migrations
 from models import (
+    AuditEvent,
     Channel,
+    Delivery,
+    NotQueued,
+    Pusher,
     Service,
     Token,
     User,
@@ -23,15 +36,18 @@ from models import (
     delete_pusher,
     live_tokens,
     new_token,
+    pushkey_prefix,
+    queue_notification,
     revoke_tokens,
     transaction,
 )
-from schemas import NotificationRequestSchema
+from schemas import NotificationRequestSchema, compact_json
 
 
 def init_app(app):
     """Register the operator commands on ``app``."""
-    for command in (users, services, channels, worker_command, deliveries_command):
+    for command in (users, services, channels, worker_command, deliveries_command,
+                    send_command, pushers_command, audit_command, backup_command, schema):
         app.cli.add_command(command)
 
 
@@ -135,7 +151,7 @@ def users_delete(user_id):
     with transaction():
         user = get_user(user_id)
         for pusher in user.pushers:
-            delete_pusher(pusher)
+            delete_pusher(pusher, "user deleted by the operator (users delete)")
         # delete_nullable: tokens and notifications (nullable foreign keys) go too, rather
         # than stay behind pointing at nobody.
         user.delete_instance(recursive=True, delete_nullable=True)
@@ -240,3 +256,160 @@ def deliveries_command():
     """Show pending, delivered and failed deliveries and the oldest pending age."""
     for key, value in delivery.stats().items():
         click.echo(f"{key}\t{value}")
+
+
+@click.command("send")
+@click.argument("user_id")
+@click.argument("channel")
+@click.argument("payload")
+@click.option("--prio", type=click.Choice(["high", "low"]), default="high", show_default=True)
+@with_database
+def send_command(user_id, channel, payload, prio):
+    """Queue a notification for USER_ID on CHANNEL; PAYLOAD is a JSON object.
+
+    Prints the notification id and how many deliveries were queued; the server's workers
+    send them.
+    """
+    try:
+        value = json.loads(payload, parse_constant=refuse_constant)
+        json.dumps(value, allow_nan=False)  # a number too large became infinity
+        body = NotificationRequestSchema().load(
+            {"user_id": user_id, "channel": channel, "payload": value, "prio": prio})
+        notification_id, deliveries, _ = queue_notification(
+            None, user_id, channel, compact_json(body["payload"]), prio)
+    except ValidationError as e:
+        raise click.ClickException(f"not sent: {e.messages}")
+    except (ValueError, NotQueued) as e:  # bad JSON, unknown channel, too large
+        raise click.ClickException(f"not sent: {e}")
+    click.echo(f"notification_id\t{notification_id}")
+    click.echo(f"deliveries\t{deliveries}")
+
+
+def refuse_constant(name):
+    """json.loads hook: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
+@click.command("pushers")
+@click.argument("user_id")
+@with_database
+def pushers_command(user_id):
+    """List a user's pushers: pushkey prefix, app, gateway host, last delivery."""
+    pushers = get_user(user_id).pushers.order_by(Pusher.created_at, Pusher.id)
+    click.echo("pushkey\tapp_id\tgateway\tencrypted\tlast delivery")
+    for pusher in pushers:
+        last = (Delivery.select().where(Delivery.pusher == pusher.id)
+                .order_by(Delivery.id.desc()).first())
+        gateway = urlsplit(json.loads(pusher.data).get("url", "")).netloc
+        encrypted = "yes" if pusher.encryption_key_id is not None else "no"
+        click.echo(f"{pushkey_prefix(pusher.pushkey)}…\t{pusher.app_id}\t{gateway}"
+                   f"\t{encrypted}\t{last_delivery(last)}")
+
+
+def last_delivery(row):
+    """One delivery's outcome in a few words."""
+    if row is None:
+        return "none yet"
+    if row.state == "pending":
+        tried = f"{row.attempts} attempt(s), last: {row.last_error}" if row.attempts else "queued"
+        return f"pending ({tried})"
+    text = f"{row.state} {utc(row.finished_at)}"
+    return f"{text}: {row.last_error}" if row.state == "failed" else text
+
+
+def utc(timestamp):
+    """A unix time as ISO 8601 UTC, to the second."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@click.command("audit")
+@click.option("--user", "user_id", help="Only this user's pushers.")
+@click.option("--since", type=click.FloatRange(min=0), help="Only the last DAYS days.",
+              metavar="DAYS")
+@with_database
+def audit_command(user_id, since):
+    """Show the audit trail of pusher registrations, updates and removals, oldest first.
+
+    Columns: time (UTC), user, action, app_id, pushkey prefix, reason. Kept for
+    PUSH_AUDIT_DAYS days.
+    """
+    events = AuditEvent.select().order_by(AuditEvent.created_at, AuditEvent.id)
+    if user_id is not None:
+        events = events.where(AuditEvent.user == user_id)
+    if since is not None:
+        events = events.where(AuditEvent.created_at >= time.time() - since * 86400)
+    for event in events:
+        click.echo(f"{utc(event.created_at)}\t{event.user}\t{event.action}\t{event.app_id}"
+                   f"\t{event.pushkey_prefix}…\t{event.reason}")
+
+
+# --- the database -----------------------------------------------------------------------------
+
+
+@click.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False))
+@with_appcontext
+def backup_command(path):
+    """Copy the live SQLite database to PATH, consistently, while the server runs."""
+    if not isinstance(db.obj, SqliteDatabase):
+        raise click.ClickException(
+            "the database is not SQLite: back it up with the database's own tool, for"
+            " PostgreSQL pg_dump (pg_dump -Fc -f push.dump DBNAME), and keep server.key too")
+    if os.path.exists(path):
+        raise click.ClickException(f"{path} exists; give a new file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, partial = tempfile.mkstemp(dir=folder, prefix=".backup-")  # mode 0600
+    os.close(descriptor)
+    try:
+        check = copy_sqlite(db.obj.database, partial)
+        if check != "ok":
+            raise click.ClickException(f"the copy failed its integrity check: {check}")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    click.echo(f"backed up {db.obj.database} to {path} (integrity check: ok)")
+    click.echo(server_key_reminder())
+
+
+def copy_sqlite(source_path, target_path):
+    """Copy a live database with SQLite's online backup API; return the copy's
+    ``PRAGMA integrity_check`` answer ("ok" when sound)."""
+    source = sqlite3.connect(source_path, timeout=30)
+    try:
+        target = sqlite3.connect(target_path)
+        try:
+            # One step (all pages at once): in WAL mode it reads one snapshot and writers go
+            # on; copying in slices would start over each time the server writes.
+            source.backup(target)
+            return target.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            target.close()
+    finally:
+        source.close()
+
+
+def server_key_reminder():
+    """What else a restore needs: the server key, kept apart from the database copy."""
+    if current_app.config["SERVER_KEY"]:
+        return ("Keep PUSH_SERVER_KEY as well: without it, encrypted pushers cannot be"
+                " served from this copy.")
+    key = os.path.join(current_app.instance_path, "server.key")
+    return (f"Back up {key} as well, apart from this copy: without it, encrypted pushers"
+            " cannot be served from it.")
+
+
+schema = AppGroup("db", help="The database schema.")
+
+
+@schema.command("upgrade")
+def db_upgrade():
+    """Apply the schema steps the database lacks (every process also does at start)."""
+    app = current_app
+    applied = app.extensions["push_schema_steps_applied"] + migrations.upgrade(
+        os.path.join(app.instance_path, migrations.LOCK_FILE))
+    for name in applied:
+        click.echo(f"applied {name}")
+    with db.connection_context():
+        steps = migrations.applied_steps()
+    click.echo(f"schema up to date: {len(steps)} step(s), the last {steps[-1]}")

@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from peewee import SqliteDatabase, fn
 
 import crypto
+import metrics
 from gateway import (
     BlockedAddress,
     GatewayClient,
@@ -50,6 +51,7 @@ from models import (
     Pusher,
     db,
     delete_pusher,
+    purge_audit,
     purge_history,
     transaction,
 )
@@ -213,7 +215,8 @@ class Worker:
         if time.time() > self.send_deadline:
             return [Outcome(d, "released") for d in job.deliveries]
         try:
-            status, answer, retry_after = self.client.post(job.url, job.body())
+            with metrics.timed_gateway_request(job.host):
+                status, answer, retry_after = self.client.post(job.url, job.body())
         except BlockedAddress as e:
             return [Outcome(d, "failed", str(e)) for d in job.deliveries]
         except Exception as e:  # network trouble of any kind: try again later
@@ -244,6 +247,7 @@ class Worker:
                  .where(Delivery.id.in_(plain[start:start + 500])
                         & (Delivery.lease_owner == self.owner))
                  .execute())
+            metrics.delivery_outcome("delivered", len(plain))
             for outcome in outcomes:
                 if outcome.result == "delivered" and not outcome.pushkey_rejected:
                     continue
@@ -268,6 +272,7 @@ class Worker:
         (Delivery.update(changes)
          .where((Delivery.id == d.id) & (Delivery.lease_owner == self.owner))
          .execute())
+        metrics.delivery_outcome("rejected" if outcome.pushkey_rejected else result)
 
     # the loop
 
@@ -281,6 +286,7 @@ class Worker:
                     if time.time() - self.last_purge > 3600:
                         self.last_purge = time.time()
                         purge_history(self.config["HISTORY_DAYS"])
+                        purge_audit(self.config["AUDIT_DAYS"])
                     handled = self.run_once()
                 except Exception:
                     log.exception("delivery round failed; retrying shortly")
@@ -306,7 +312,7 @@ def remove_rejected(delivery):
     pusher = Pusher.get_or_none(Pusher.id == delivery.pusher_id)
     if pusher is not None:
         log.info("gateway rejected pushkey %s; pusher removed", redact(pusher.pushkey))
-        delete_pusher(pusher)
+        delete_pusher(pusher, "rejected by its push gateway")
 
 
 # --- where workers run --------------------------------------------------------------------------

@@ -9,6 +9,10 @@ process, could be blocked by as many slow clients as there are processes). A req
 proxy in front (README, "Production") keeps slow clients away from gunicorn altogether.
 """
 
+import os
+
+from gunicorn.glogging import Logger
+
 wsgi_app = "app:create_app()"
 bind = "127.0.0.1:8000"
 workers = 4
@@ -42,3 +46,26 @@ def post_worker_init(worker):
     import delivery
 
     delivery.serving(worker.wsgi)
+
+
+def on_starting(server):
+    """Before the workers fork: the metrics folder they all share, cleared of dead processes."""
+    import metrics
+
+    metrics.server_starting()
+
+
+class PushLogger(Logger):
+    """gunicorn's own lines, as JSON objects too when PUSH_LOG_FORMAT=json (environment)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        if os.environ.get("PUSH_LOG_FORMAT", "").strip().lower() == "json":
+            from app import JsonFormatter
+
+            for log in (self.error_log, self.access_log):
+                for handler in log.handlers:
+                    handler.setFormatter(JsonFormatter())
+
+
+logger_class = PushLogger

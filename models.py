@@ -4,17 +4,22 @@ Times are unix seconds (integers, or floats where sub-second scheduling matters)
 schema works on SQLite and PostgreSQL. On PostgreSQL the floats must be DOUBLE PRECISION
 (``DoubleField``): peewee's ``FloatField`` becomes REAL there, whose 24-bit mantissa rounds a
 unix time to 128 seconds. The integers are BIGINT so they outlive 2038.
+
+A model here is what a new database gets; an existing database gets the same change through a
+step in ``migrations.py``.
 """
 
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
+import uuid
 import weakref
 
 from peewee import (
@@ -25,11 +30,15 @@ from peewee import (
     DoubleField,
     ForeignKeyField,
     IntegerField,
+    IntegrityError,
+    JOIN,
     Model,
     SqliteDatabase,
     TextField,
 )
 from playhouse.db_url import connect
+
+import crypto
 
 log = logging.getLogger("push")
 db = DatabaseProxy()
@@ -192,8 +201,26 @@ class Delivery(BaseModel):
         indexes = ((("state", "next_attempt_at"), False), (("user", "pushkey"), False))
 
 
+class AuditEvent(BaseModel):
+    """One change to a pusher: when, whose, which app and device, what and why.
+
+    ``user`` is the user's name, not a reference, so the trail outlives the user; a pushkey
+    is kept only as a short prefix (``pushkey_prefix``), enough to match a device's logs.
+    """
+
+    created_at = DoubleField(index=True)
+    user = CharField(max_length=255)
+    app_id = CharField(max_length=64)
+    pushkey_prefix = CharField(max_length=8)
+    action = CharField(max_length=10)  # registered, updated or removed
+    reason = TextField()
+
+    class Meta:
+        indexes = ((("user", "created_at"), False),)
+
+
 MODELS = [User, Service, Token, Channel, EncryptionKey, Pusher, ChannelState, Notification,
-          Delivery]
+          Delivery, AuditEvent]
 
 
 def open_database(url):
@@ -202,17 +229,6 @@ def open_database(url):
         path = url.split(":///", 1)[1] if ":///" in url else url[len("sqlite:"):]
         return SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     return connect(url)
-
-
-def create_schema(lock_path):
-    """Create missing tables once, under a file lock, so workers booting together don't race."""
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with db.connection_context():
-                db.create_tables(MODELS, safe=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def transaction():
@@ -228,8 +244,26 @@ def lock_user(user_id):
         list(User.select(User.id).where(User.id == user_id).for_update())
 
 
-def delete_pusher(pusher):
-    """Remove one pusher; the device's channel states go with its last pusher."""
+def pushkey_prefix(pushkey):
+    """What the audit trail keeps of a pushkey: at most 6 characters, at most half of it."""
+    return pushkey[:min(6, len(pushkey) // 2)]
+
+
+def user_name(user_id):
+    """The name of a user, by id."""
+    return User.select(User.name).where(User.id == user_id).scalar()
+
+
+def audit(user_id, app_id, pushkey, action, reason):
+    """Add a pusher change to the audit trail (inside the caller's transaction)."""
+    AuditEvent.create(created_at=time.time(), user=user_name(user_id), app_id=app_id,
+                      pushkey_prefix=pushkey_prefix(pushkey), action=action, reason=reason)
+
+
+def delete_pusher(pusher, reason):
+    """Remove one pusher, saying why in the audit trail; the device's channel states go with
+    its last pusher."""
+    audit(pusher.user_id, pusher.app_id, pusher.pushkey, "removed", reason)
     pusher.delete_instance()
     remaining = Pusher.select().where(
         (Pusher.user == pusher.user_id) & (Pusher.pushkey == pusher.pushkey)
@@ -248,6 +282,75 @@ def drop_unused_key(key_id):
         EncryptionKey.delete().where(EncryptionKey.id == key_id).execute()
 
 
+class NotQueued(Exception):
+    """A notification that cannot be queued; ``status`` and ``errcode`` say why over HTTP."""
+
+    def __init__(self, status, errcode, message):
+        super().__init__(message)
+        self.status, self.errcode = status, errcode
+
+
+def recipients(user_id, channel):
+    """The user's pushers whose device gets ``channel``: its own state is ``enabled``, or it has
+    none and the channel's default is ``enabled`` (``not_set`` counts as disabled)."""
+    state = ChannelState.alias()
+    on = ((state.user == Pusher.user) & (state.pushkey == Pusher.pushkey)
+          & (state.channel == channel.id))
+    wanted = state.status == "enabled"
+    if channel.default_status == "enabled":
+        wanted = wanted | state.status.is_null()
+    return (Pusher.select(Pusher.id, Pusher.pushkey)
+            .join(state, JOIN.LEFT_OUTER, on=on)
+            .where((Pusher.user == user_id) & wanted)
+            .order_by(Pusher.id))
+
+
+def queue_notification(service_id, user_name, channel_id, payload, prio, counts=None,
+                       identifier=None):
+    """Store a notification (``payload``: compact JSON bytes) and one delivery per device that
+    gets its channel, in one transaction (the sender API and ``flask send``).
+
+    Returns (notification id, deliveries, whether it is new): a repeated ``identifier`` of
+    the same service returns the first notification and queues nothing. Raises NotQueued.
+    """
+    if len(payload) > crypto.MAX_PAYLOAD_BYTES:
+        raise NotQueued(413, "M_TOO_LARGE", f"payload is {len(payload)} bytes of JSON;"
+                                            f" at most {crypto.MAX_PAYLOAD_BYTES} fit")
+    channel = Channel.get_or_none(Channel.id == channel_id)
+    if channel is None:
+        raise NotQueued(400, "M_INVALID_PARAM", f"Unknown channel: {channel_id}")
+    same = (Notification.service == service_id) & (Notification.identifier == identifier)
+    try:
+        with transaction():
+            earlier = Notification.get_or_none(same) if identifier is not None else None
+            if earlier is not None:
+                return earlier.id, deliveries_of(earlier.id), False
+            user = User.get_or_none(User.name == user_name)
+            created_at = time.time()
+            notification = Notification.create(
+                id=uuid.uuid4().hex, service=service_id, identifier=identifier, user=user,
+                channel=channel.id, payload=payload.decode(), prio=prio,
+                counts=json.dumps(counts) if counts is not None else None,
+                created_at=created_at)
+            rows = [] if user is None else [
+                {"notification": notification.id, "pusher": p.id, "user": user.id,
+                 "pushkey": p.pushkey, "next_attempt_at": created_at, "created_at": created_at}
+                for p in recipients(user.id, channel)
+            ]
+            for start in range(0, len(rows), 500):
+                Delivery.insert_many(rows[start:start + 500]).execute()
+    except IntegrityError:
+        # The same identifier raced in from another process; answer with the winner.
+        earlier = Notification.get(same)
+        return earlier.id, deliveries_of(earlier.id), False
+    return notification.id, len(rows), True
+
+
+def deliveries_of(notification_id):
+    """How many deliveries a stored notification has."""
+    return Delivery.select().where(Delivery.notification == notification_id).count()
+
+
 def purge_history(days):
     """Delete notifications older than ``days`` that have nothing left to send; return how many."""
     cutoff = time.time() - days * 86400
@@ -260,6 +363,16 @@ def purge_history(days):
             (Notification.created_at < cutoff) & Notification.id.not_in(pending)).execute()
     if removed:
         log.info("purged %d notifications older than %s days", removed, days)
+    return removed
+
+
+def purge_audit(days):
+    """Delete audit events older than ``days``; return how many."""
+    cutoff = time.time() - days * 86400
+    with transaction():
+        removed = AuditEvent.delete().where(AuditEvent.created_at < cutoff).execute()
+    if removed:
+        log.info("purged %d audit events older than %s days", removed, days)
     return removed
 
 

@@ -15,6 +15,8 @@ fixture, directly or through ``api``, ``make_api`` or ``register``) once per pat
 
 import itertools
 import os
+import shutil
+import tempfile
 
 import pytest
 from peewee import SqliteDatabase
@@ -22,6 +24,7 @@ from servers import Cluster, Unavailable, push_env, server_binaries
 from support import PATH_SETS, PUSH_V1, TEST_CONFIG, Api, Gateway, bearer, cli_token
 
 from app import create_app
+from metrics import FOLDER_VARIABLE as METRICS_FOLDER
 from models import db
 
 _saved_environment = {}
@@ -37,13 +40,15 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     """The suite never inherits the developer's shell: no PUSH_* variable reaches an app (an
-    exported PUSH_DATABASE_URL must never point the tests at a real database)."""
-    for key in [k for k in os.environ if k.startswith("PUSH_")]:
+    exported PUSH_DATABASE_URL must never point the tests at a real database). The apps of
+    this process count their metrics in a folder of the session's own (metrics.py)."""
+    for key in [k for k in os.environ if k.startswith("PUSH_") or k == METRICS_FOLDER]:
         _saved_environment[key] = os.environ.pop(key)
     config.addinivalue_line("markers", "sqlite_only: tests of what only the SQLite engine has")
     config.addinivalue_line("markers", "client_api: run the module's tests that use the client"
                                        " API paths once per path set (/push/v1, seed-era)")
     config.engine_tests = {}  # database engine -> ids of the tests whose app ran on it
+    os.environ[METRICS_FOLDER] = tempfile.mkdtemp(prefix="push-test-metrics-")
 
 
 def pytest_generate_tests(metafunc):
@@ -54,6 +59,7 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop(METRICS_FOLDER), ignore_errors=True)
     os.environ.update(_saved_environment)
 
 

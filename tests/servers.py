@@ -36,8 +36,10 @@ def free_port():
 
 
 def push_env(instance_path, **settings):
-    """The environment for a server or CLI on ``instance_path``, with these PUSH_ settings only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
+    """The environment for a server or CLI on ``instance_path``, with these PUSH_ settings only
+    (and the metrics folder of that instance, not the test session's)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PUSH_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PUSH_INSTANCE_PATH"] = str(instance_path)
     for key, value in settings.items():
         env["PUSH_" + key] = str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,11 +1,17 @@
-"""Logs never carry a whole pushkey (SPEC section 5)."""
+"""Logs never carry a whole pushkey (SPEC section 5); PUSH_LOG_FORMAT=json makes every line
+one JSON object."""
 
+import json
 import logging
+import sys
 
 import pytest
+from servers import Gunicorn, push_env, wait_until
+from support import Api, bearer, cli_token
 
-from app import RequestLogFilter
+from app import JsonFormatter, RequestLogFilter
 from gateway import redact
+from models import Pusher, db
 
 
 def access_record(line):
@@ -68,3 +74,53 @@ def test_an_exception_log_names_the_path_on_one_line(make_app, caplog):
     assert response.status_code == 500
     [record] = [r for r in caplog.records if r.getMessage().startswith("Exception on")]
     assert record.getMessage() == "Exception on /explode/x\\n2026-01-01 INFO forged [GET]"
+
+
+# --- PUSH_LOG_FORMAT=json -----------------------------------------------------------------------
+
+
+def test_json_format_is_one_object_per_line_with_the_exception():
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        record = logging.LogRecord("push.delivery", logging.ERROR, __file__, 1,
+                                   "could not build delivery %s", (42,), sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert set(entry) == {"time", "level", "logger", "message", "exception"}
+    assert (entry["level"], entry["logger"], entry["message"]) == (
+        "ERROR", "push.delivery", "could not build delivery 42")
+    assert entry["time"].endswith("+00:00")
+    assert "Traceback" in entry["exception"] and "ZeroDivisionError" in entry["exception"]
+
+
+def test_an_unknown_log_format_stops_the_app(make_app):
+    with pytest.raises(RuntimeError, match="PUSH_LOG_FORMAT"):
+        make_app(LOG_FORMAT="xml")
+
+
+def test_gunicorn_and_the_app_log_only_json_lines(make_app, tmp_path, gateway):
+    app = make_app()
+    api, runner = Api(app.test_client()), app.test_cli_runner()
+    alice = bearer(cli_token(runner, "users", "create", "alice"))
+    service = bearer(cli_token(runner, "services", "create", "erp"))
+    runner.invoke(args=["channels", "add", "erp.task", "--default", "enabled"])
+    api.register(alice, "phone-1", url=gateway.url())
+    with db.connection_context():  # a row the worker cannot build: it logs the exception
+        Pusher.update(data="{not json").execute()
+    assert api.send(service).status_code == 202
+    env = push_env(app.instance_path, LOG_FORMAT="json", EMBEDDED_WORKER=True,
+                   ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True, TYPO_SETTING=1)
+    with Gunicorn(env, workers=1, log_dir=tmp_path) as server:
+        wait_until(lambda: "could not build delivery" in server.log(), 30, "the worker's error")
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    loggers = {e["logger"] for e in entries}
+    assert {"gunicorn.error", "push"} <= loggers, loggers
+    assert any(e["message"].startswith("Starting gunicorn") for e in entries)
+    assert any("PUSH_TYPO_SETTING is set" in e["message"] and e["level"] == "WARNING"
+               for e in entries)
+    failure = [e for e in entries if e["message"].startswith("could not build delivery")]
+    assert "JSONDecodeError" in failure[0]["exception"]

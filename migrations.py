@@ -1,0 +1,130 @@
+"""Schema versions: the named steps that bring a database of any earlier release up to date.
+
+A database records which steps it has had in the ``schemamigration`` table; its version is
+the last of them. ``upgrade`` runs when every server process starts (under a file lock in the
+instance folder, and on PostgreSQL an advisory lock too, for servers on several hosts) and as
+``flask --app app db upgrade``; a second run changes nothing.
+
+- A new, empty database gets every table as ``models.py`` defines it and is marked as having
+  had every step.
+- A database of the first release (tables, but no ``schemamigration``) or a later one gets the
+  steps it lacks, in the order of ``STEPS``, each in its own transaction with the row that
+  records it, so a step that fails leaves the database as it was before that step.
+
+To change the schema:
+
+1. change the models in ``models.py`` (what a new database gets);
+2. append ``("a_unique_name", function)`` to ``STEPS``. The function gets a
+   ``playhouse.migrate`` migrator for the database and makes the same change to an existing
+   one: ``migrate(migrator.add_column("pusher", "note", TextField(null=True)))``. A step that
+   creates a table defines the table as it is at that step (never the current model, which
+   later steps may change). Never edit or reorder a step that has been released;
+3. ``tests/test_migrations.py`` builds a first-release database, upgrades it, and checks it
+   ends with exactly the tables, columns and indexes of a new one, on SQLite and PostgreSQL.
+
+A model added to ``models.MODELS`` without a step still gets its table: every upgrade ends by
+creating the tables that do not exist yet. Nothing else changes an existing table but a step
+(not even an index added to a model), so the test above finds a change that lacks its step.
+"""
+
+import fcntl
+import time
+
+from peewee import CharField, DoubleField, Model, PostgresqlDatabase, TextField
+from playhouse.migrate import SchemaMigrator, migrate
+
+from models import MODELS, db, transaction
+
+#: The file lock in the instance folder that lets one process at a time upgrade.
+LOCK_FILE = ".schema.lock"
+#: An arbitrary, fixed key for PostgreSQL's advisory lock: one upgrade at a time.
+ADVISORY_LOCK = 7_246_120_001
+
+
+class SchemaMigration(Model):
+    """One step a database has had, and when."""
+
+    name = CharField(max_length=255, primary_key=True)
+    applied_at = DoubleField()
+
+    class Meta:
+        database = db
+
+
+# --- the steps, oldest first ------------------------------------------------------------------
+
+
+def add_audit_trail(migrator):
+    """The audit trail of pusher registrations, updates and removals."""
+
+    class AuditEvent(Model):
+        created_at = DoubleField()
+        user = CharField(max_length=255)
+        app_id = CharField(max_length=64)
+        pushkey_prefix = CharField(max_length=8)
+        action = CharField(max_length=10)
+        reason = TextField()
+
+        class Meta:
+            database = migrator.database
+            table_name = "auditevent"
+
+    AuditEvent.create_table()
+    migrate(migrator.add_index("auditevent", ("created_at",)),
+            migrator.add_index("auditevent", ("user", "created_at")))
+
+
+STEPS = [
+    ("0001_audit_trail", add_audit_trail),
+]
+
+
+# --- applying them ----------------------------------------------------------------------------
+
+
+def upgrade(lock_path):
+    """Bring the database up to date; return the names of the steps applied."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with db.connection_context():
+                return apply_missing_steps()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def exclusive():
+    """Inside a transaction: wait until no other host upgrades this PostgreSQL database."""
+    if isinstance(db.obj, PostgresqlDatabase):
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
+
+
+def apply_missing_steps():
+    """Create a new database whole, or apply the steps an existing one lacks."""
+    with transaction():
+        exclusive()
+        if not set(db.get_tables()) & {model._meta.table_name for model in MODELS}:
+            db.create_tables([*MODELS, SchemaMigration])
+            SchemaMigration.insert_many(
+                [{"name": name, "applied_at": time.time()} for name, _ in STEPS]).execute()
+            return []
+        SchemaMigration.create_table(safe=True)
+    applied = []
+    for name, step in STEPS:
+        with transaction():
+            exclusive()
+            if SchemaMigration.get_or_none(SchemaMigration.name == name) is None:
+                step(SchemaMigrator.from_database(db.obj))
+                SchemaMigration.create(name=name, applied_at=time.time())
+                applied.append(name)
+    with transaction():
+        exclusive()
+        existing = set(db.get_tables())
+        db.create_tables([m for m in MODELS if m._meta.table_name not in existing])
+    return applied
+
+
+def applied_steps():
+    """The names of the steps this database has had, in the order they were applied."""
+    return [name for (name,) in SchemaMigration.select(SchemaMigration.name)
+            .order_by(SchemaMigration.applied_at, SchemaMigration.name).tuples()]
