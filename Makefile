@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 5000
 
-.PHONY: run test worker bench clean
+.PHONY: run test worker bench bench-http clean
 
 $(BIN)/activate: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ worker: $(BIN)/activate
 
 bench: $(BIN)/activate
 	$(BIN)/python bench/fanout.py
+
+bench-http: $(BIN)/activate
+	$(BIN)/python bench/http_load.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
