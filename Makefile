@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 5000
 
-.PHONY: run test worker bench bench-http clean
+.PHONY: run test worker bench bench-http bench-scale clean
 
 $(BIN)/activate: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ bench: $(BIN)/activate
 
 bench-http: $(BIN)/activate
 	$(BIN)/python bench/http_load.py $(BENCH_ARGS)
+
+bench-scale: $(BIN)/activate
+	$(BIN)/python bench/scale.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
