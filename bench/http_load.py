@@ -27,9 +27,9 @@ Method, all in one run:
    floor: each endpoint is also shown as a ratio of its req/s.
 
 wrk and the server share the machine, so the figures move with its other load; the load
-average is printed before and after. ``--profile DIR`` samples the gunicorn workers with
-py-spy while each service endpoint is loaded and prints the hot functions (profiled figures
-are slower: compare them with each other only).
+average is printed before and after. ``--profile DIR`` samples the gunicorn workers' wall-clock
+time with py-spy while each service endpoint is loaded and prints the hot functions (profiled
+figures are slower: compare them with each other only).
 
     .venv/bin/python bench/http_load.py                       # every endpoint, 10 s each
     .venv/bin/python bench/http_load.py --only get-pushers,hello --duration 5
@@ -258,22 +258,32 @@ def wrk_command_line(argv, method, token_kind, bodies):
 
 
 def start_profile(args, pid, name):
-    """py-spy sampling gunicorn's workers (children of ``pid``) for one wrk run."""
+    """py-spy sampling gunicorn's workers (children of ``pid``), idle or not, until SIGINT."""
     out = os.path.join(args.profile, f"{name}.txt")
-    argv = [args.py_spy, "record", "--pid", str(pid), "--subprocesses", "--nolineno",
-            "--format", "raw", "--rate", "100", "--duration", str(args.duration + 1),
-            "--output", out]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
+    argv = [args.py_spy, "record", "--pid", str(pid), "--subprocesses", "--idle", "--nolineno",
+            "--format", "raw", "--rate", "100", "--output", out]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True), out
+
+
+def stop_profile(profile):
+    """Stop py-spy as the load ends (so no idle time after it is sampled); it then writes."""
+    process, _ = profile
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    if process.returncode != 0:
+        print(f"  py-spy failed: {err.strip()[-300:]}", file=sys.stderr)
 
 
 def print_profile(path, top):
     """Hot spots of a py-spy raw profile of gunicorn's workers.
 
     Each raw line is ``process master;process worker;frame;...;frame count``, outermost
-    first; stacks of the master itself (one process frame) are left out. A function's own
-    share counts the samples where it is the innermost frame (a wait in a system call such
-    as fsync counts for the function making it); its inclusive share those where it is
-    anywhere on the stack. Shares are of the samples in which a worker was not idle.
+    first; stacks of the master itself (one process frame) are left out. The samples cover
+    the workers' wall-clock time (py-spy --idle): time spent waiting -- for SQLite's write
+    lock, an fsync, the CPU, the next connection (``SyncWorker.wait``) -- counts for the
+    function that waits. A function's own share counts the samples where it is the innermost
+    frame; its inclusive share those where it is anywhere on the stack.
     """
     own_modules = {name for name in os.listdir(ROOT) if name.endswith(".py")}
     own, by_module, inclusive, total = Counter(), Counter(), Counter(), 0
@@ -292,7 +302,7 @@ def print_profile(path, top):
             for frame in set(frames):
                 if module_of(frame) in own_modules:
                     inclusive[frame] += count
-    print(f"\n=== profile {path}: {total:,} samples of busy gunicorn workers ===")
+    print(f"\n=== profile {path}: {total:,} samples of the gunicorn workers' wall-clock time ===")
     for title, counter in (("functions by own time", own),
                            ("modules and packages by own time", by_module),
                            ("the service's own functions by inclusive time", inclusive)):
@@ -359,9 +369,7 @@ def measure(args, port, spec, token, server):
         profile = start_profile(args, server.process.pid, spec_name(label))
     result, argv = run_wrk(args, port, method, path, token, bodies, args.duration)
     if profile:
-        _, err = profile[0].communicate()
-        if profile[0].returncode != 0:
-            print(f"  py-spy failed: {err.strip()[-300:]}", file=sys.stderr)
+        stop_profile(profile)
     seconds = result["duration_us"] / 1e6
     errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors",
                                      "timeouts"))
