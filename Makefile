@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 5000
 
-.PHONY: run test test-postgres worker bench clean
+.PHONY: run test test-postgres worker bench bench-http bench-scale clean
 
 $(BIN)/activate: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ worker: $(BIN)/activate
 
 bench: $(BIN)/activate
 	$(BIN)/python bench/fanout.py
+
+bench-http: $(BIN)/activate
+	$(BIN)/python bench/http_load.py $(BENCH_ARGS)
+
+bench-scale: $(BIN)/activate
+	$(BIN)/python bench/scale.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
