@@ -41,11 +41,13 @@ def post_worker_init(worker):
     """Start this process's embedded delivery worker at boot, not at its first request.
 
     One per process: the request threads that would start it too find it running
-    (``delivery.start_embedded`` checks under a lock).
+    (``delivery.start_embedded`` checks under a lock). Another app served with these settings
+    (bench/hello.py, the benchmark's floor) has no delivery worker.
     """
     import delivery
 
-    delivery.serving(worker.wsgi)
+    if "EMBEDDED_WORKER" in getattr(worker.wsgi, "config", {}):
+        delivery.serving(worker.wsgi)
 
 
 def on_starting(server):
