@@ -19,7 +19,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from marshmallow import ValidationError
-from peewee import SqliteDatabase
+from peewee import DatabaseError, SqliteDatabase
 
 import delivery
 import migrations
@@ -413,3 +413,29 @@ def db_upgrade():
     with db.connection_context():
         steps = migrations.applied_steps()
     click.echo(f"schema up to date: {len(steps)} step(s), the last {steps[-1]}")
+
+
+@schema.command("copy")
+@click.option("--to", "url", required=True, metavar="URL",
+              help="The empty target database, e.g. postgresql://push:secret@db/push.")
+def db_copy(url):
+    """Copy this whole installation into an empty database (stop the server first)."""
+    try:
+        copied = migrations.copy_to(url)
+    except migrations.TargetNotEmpty as e:
+        raise click.ClickException(f"{e}; nothing was copied")
+    except DatabaseError as e:
+        raise click.ClickException(f"the copy failed and the target is as it was: {e}")
+    for table, count in copied.items():
+        click.echo(f"{table}\t{count}")
+    click.echo(f"copied to {redact_url(url)}. Point PUSH_DATABASE_URL there and keep this"
+               " instance's server key (instance/server.key or PUSH_SERVER_KEY).")
+
+
+def redact_url(url):
+    """A database URL without its password, for output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

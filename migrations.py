@@ -1,4 +1,5 @@
-"""Schema versions: the named steps that bring a database of any earlier release up to date.
+"""Schema versions: the named steps that bring a database of any earlier release up to date,
+and the move of a whole installation to another database (``copy_to``).
 
 A database records which steps it has had in the ``schemamigration`` table; its version is
 the last of them. ``upgrade`` runs when every server process starts (under a file lock in the
@@ -33,7 +34,7 @@ import time
 from peewee import CharField, DoubleField, Model, PostgresqlDatabase, TextField
 from playhouse.migrate import SchemaMigrator, migrate
 
-from models import MODELS, db, transaction
+from models import MODELS, db, open_database, transaction
 
 #: The file lock in the instance folder that lets one process at a time upgrade.
 LOCK_FILE = ".schema.lock"
@@ -128,3 +129,73 @@ def applied_steps():
     """The names of the steps this database has had, in the order they were applied."""
     return [name for (name,) in SchemaMigration.select(SchemaMigration.name)
             .order_by(SchemaMigration.applied_at, SchemaMigration.name).tuples()]
+
+
+# --- moving house -----------------------------------------------------------------------------
+
+#: Rows read from the source and written to the target at a time.
+COPY_BATCH = 1000
+
+
+class TargetNotEmpty(Exception):
+    """The target database already holds data of this service."""
+
+
+def copy_to(url):
+    """Copy every table of this installation (the current database) into the empty database at
+    ``url``; return {table: rows copied}.
+
+    The target gets the current schema and the same schema steps; rows keep their ids (so
+    tokens, keys and pending deliveries carry over as they are), and PostgreSQL sequences are
+    moved past them. The source is read in one transaction (a consistent snapshot) and the
+    target written in one: a copy that fails leaves the target as it was. Rate-limit counters
+    are not copied (they start afresh).
+    """
+    target = open_database(url)
+    tables = [*MODELS, SchemaMigration]
+    with db.connection_context(), target.connection_context(), db.atomic():
+        if isinstance(db.obj, PostgresqlDatabase):
+            db.execute_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        reads = {model: model.select().order_by(*sort_key(model)).sql() for model in tables}
+        with target.bind_ctx(tables), target.atomic():
+            existing = set(target.get_tables())
+            filled = [m._meta.table_name for m in MODELS
+                      if m._meta.table_name in existing and m.select().exists()]
+            if filled:
+                raise TargetNotEmpty(f"the target already holds data: {', '.join(filled)}")
+            target.create_tables(tables)
+            SchemaMigration.delete().execute()  # a server started on it recorded its steps
+            copied = {model._meta.table_name: copy_rows(model, *reads[model]) for model in tables}
+            if isinstance(target, PostgresqlDatabase):
+                move_sequences(target, MODELS)
+    target.close()
+    return copied
+
+
+def sort_key(model):
+    """The order rows are copied in: by primary key, so parents precede their children."""
+    return [model._meta.primary_key] if model._meta.primary_key else []
+
+
+def copy_rows(model, sql, params):
+    """Insert into ``model`` (bound to the target) every row of the source query; the count."""
+    fields = model._meta.sorted_fields
+    cursor = db.execute_sql(sql, params)
+    count = 0
+    while rows := cursor.fetchmany(COPY_BATCH):
+        model.insert_many([tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                           for row in rows], fields=fields).execute()
+        count += len(rows)
+    return count
+
+
+def move_sequences(target, models):
+    """Set each serial id's sequence past the largest copied id, so new rows get fresh ids."""
+    for model in models:
+        key = model._meta.primary_key
+        if getattr(key, "field_type", None) != "AUTO":
+            continue
+        table = model._meta.table_name
+        target.execute_sql(
+            f"SELECT setval(pg_get_serial_sequence('{table}', '{key.column_name}'),"
+            f" COALESCE((SELECT MAX({key.column_name}) FROM \"{table}\"), 0) + 1, false)")
