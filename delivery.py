@@ -280,7 +280,8 @@ class Worker:
         self.throttle = Throttle(self.config)
         self.server_key = app.extensions["push_server_key"]
         lease = self.config["DELIVERY_LEASE_SECONDS"]
-        request_time = self.config["GATEWAY_CONNECT_TIMEOUT"] + self.config["GATEWAY_READ_TIMEOUT"]
+        request_time = (self.config["GATEWAY_CONNECT_TIMEOUT"]
+                        + self.config["GATEWAY_READ_TIMEOUT"])
         # A request starts only while this much of its lease is left: its deadline, and half
         # of the lease's slack to write its outcome after it (a busy database may make that
         # wait); the other half of the slack is for waiting for a free slot.
@@ -362,14 +363,16 @@ class Worker:
         for a paused host go back untried, due when its pause ends."""
         deliveries = list(Delivery.select().where(Delivery.id.in_(ids))
                           .order_by(Delivery.next_attempt_at, Delivery.id))  # oldest first
-        unsendable = []
+        unsendable, paused = [], {}
         for job in self.build_jobs(deliveries, unsendable):
             until = self.throttle.paused_until(job.host)
             if until:
-                self.release(job.deliveries, due=until)
+                paused.setdefault(until, []).extend(job.deliveries)
             else:
                 self.waiting.setdefault(job.host, deque()).append((job, start_by))
         self.record(unsendable)
+        for until, waiting in paused.items():
+            self.release(waiting, due=until)
 
     # building
 

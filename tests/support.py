@@ -451,6 +451,10 @@ class SocketGateway:
 
     def close(self):
         self.done.set()
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept(): close alone does not
+        except OSError:
+            pass
         self.server.close()
         with self.lock:
             for connection in self.connections:
