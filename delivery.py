@@ -78,6 +78,10 @@ log = logging.getLogger("push.delivery")
 #: well under a second, and frees a slot every moment while it has a backlog).
 SLOW_GATEWAY_SECONDS = 1.0
 
+#: Outcomes are written at most this long after their request ended, in one transaction with
+#: those that ended meanwhile: under load, one commit (one fsync) for many outcomes.
+RECORD_WINDOW_SECONDS = 0.05
+
 #: Deliveries waiting for a slow gateway are held in memory up to this many claims' worth
 #: (PUSH_WORKER_CLAIM each); beyond it the worker claims nothing more until some have gone.
 HELD_CLAIMS = 10
@@ -290,6 +294,7 @@ class Worker:
         self.in_flight = 0
         self.finished = queue.SimpleQueue()  # (job, outcomes, failed) from sending threads
         self.unrecorded = []  # outcomes collected but not written yet
+        self.unrecorded_since = 0.0  # when the first of them was collected (monotonic)
         self.ready = threading.Event()  # set when a request ends or work is announced
         with _listeners_lock:
             _listeners.add(self.ready)
@@ -309,7 +314,8 @@ class Worker:
         """Write what has ended, start what may start, claim more while there is room; return
         how many deliveries were claimed."""
         self.collect()
-        self.start_waiting()
+        self.start_waiting()  # first, so that the sending threads work while we write
+        self.write_outcomes()
         claimed = 0
         while claim and self.room_to_claim():
             start_by = time.time() + self.config["DELIVERY_LEASE_SECONDS"] - self.start_margin
@@ -333,12 +339,16 @@ class Worker:
         return all(self.throttle.slow(host) for host in self.waiting)
 
     def wait_time(self, poll):
-        """How long the loop may sleep: until the poll interval, the first waiting request's
-        latest start, or the moment a gateway with waiting work counts as slow."""
-        if not self.waiting:
-            return poll
-        first = min(jobs[0][1] for jobs in self.waiting.values())
-        return max(0.0, min(poll, SLOW_GATEWAY_SECONDS, first - time.time()))
+        """How long the loop may sleep: until the poll interval, the moment outcomes are due to
+        be written, the first waiting request's latest start, or the moment a gateway with
+        waiting work counts as slow."""
+        times = [poll]
+        if self.unrecorded:
+            times.append(self.record_wait())
+        if self.waiting:
+            first = min(jobs[0][1] for jobs in self.waiting.values())
+            times += [SLOW_GATEWAY_SECONDS, first - time.time()]
+        return max(0.0, min(times))
 
     def claim(self):
         """Lease up to WORKER_CLAIM due deliveries to this worker; return their ids."""
@@ -503,7 +513,8 @@ class Worker:
     # recording
 
     def collect(self):
-        """Write the outcomes of every request that has ended since the last step."""
+        """Take in every request that has ended since the last step: its slot is free again,
+        its gateway's health updated, its outcomes ready to be written."""
         while True:
             try:
                 job, outcomes, failed = self.finished.get_nowait()
@@ -515,10 +526,21 @@ class Worker:
             for outcome in outcomes:
                 if until and outcome.result == "retry":  # no sooner than the pause ends
                     outcome.retry_after = max(until - time.time(), retry_seconds(outcome))
+            if not self.unrecorded:
+                self.unrecorded_since = time.monotonic()
             self.unrecorded.extend(outcomes)
-        if self.unrecorded:
-            self.record(self.unrecorded)  # kept for the next step if the database fails now
-            self.unrecorded = []
+
+    def write_outcomes(self):
+        """Write what ``collect`` took in, once the oldest of it is RECORD_WINDOW_SECONDS old
+        or nothing else is under way (kept for the next step if the database fails)."""
+        if not self.unrecorded or (self.in_flight and self.record_wait() > 0):
+            return
+        self.record(self.unrecorded)
+        self.unrecorded = []
+
+    def record_wait(self):
+        """Seconds until the outcomes taken in are due to be written."""
+        return self.unrecorded_since + RECORD_WINDOW_SECONDS - time.monotonic()
 
     def record(self, outcomes):
         """Write outcomes in one transaction; only rows we still hold.
@@ -565,6 +587,8 @@ class Worker:
     def release(self, deliveries, due=None):
         """Hand deliveries back untried, no attempt counted: due at ``due``, or at once."""
         ids = [d.id for d in deliveries]
+        if not ids:
+            return
         changes = {"lease_owner": None, "lease_until": None}
         if due is not None:
             changes["next_attempt_at"] = due
@@ -624,6 +648,7 @@ class Worker:
                 self.ready.wait(1.0)
                 self.ready.clear()
                 self.collect()
+                self.write_outcomes()
         except Exception:
             log.exception("could not write every outcome on stopping; those leases lapse")
 
