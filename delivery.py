@@ -10,13 +10,14 @@ a new month is sealed with the new month's key), sends it, and records the outco
 - any other answer: failed for good, with the reason kept.
 
 No one waits on strangers. The worker is a pipeline, not a series of rounds: its loop (``step``)
-writes the outcome of each request as soon as that request ends, starts requests as sending
-threads and gateways allow, and claims more while there is room, whatever is still under way.
-A request ends within its deadline (``GatewayClient``: connect + read timeout in all).
-Gateways are kept apart (``Throttle``): at most ``PUSH_GATEWAY_CONCURRENCY`` requests in flight
-per gateway host, and a host that keeps failing is paused as a whole, its deliveries handed
-back untried, due when the pause ends. Work waiting for a slow host does not stop the worker
-from claiming work for others.
+writes the outcome of each request as soon as it ends (together with those that ended in the
+same few milliseconds: one commit for many), starts requests as sending threads and gateways
+allow, and claims more while there is room, whatever is still under way. A request ends within
+its deadline (``GatewayClient``: connect + read timeout in all). Gateways are kept apart
+(``Throttle``): at most ``PUSH_GATEWAY_CONCURRENCY`` requests in flight per gateway host, and a
+host that fails transiently is paused as a whole, its deliveries (new ones too) handed back
+untried, due when the pause ends, no attempt counted. Work waiting for a slow host does not
+stop the worker from claiming work for others.
 
 Leases: a request starts only while its lease covers the request's deadline and time to
 write its outcome, so no other worker can take a delivery over while it is being sent or
@@ -457,8 +458,8 @@ class Worker:
 
     def start_waiting(self):
         """Start waiting requests whose gateway has a free slot; hand back untried those of a
-        gateway that has been paused, and those whose lease would no longer cover them
-        (returns how many of these, due again at once)."""
+        gateway that has been paused, due when the pause ends, and those whose lease would no
+        longer cover them, due at once (returns how many of the latter)."""
         current = time.time()
         late = []
         for host, jobs in list(self.waiting.items()):
@@ -494,7 +495,8 @@ class Worker:
 
     def send(self, job):
         """Send one request; return (an Outcome for each delivery it carries, whether the
-        gateway failed transiently: no answer, 429 or 5xx)."""
+        gateway failed transiently: no full answer in time, no connection, a certificate that
+        does not verify, 429 or 5xx)."""
         try:
             status, answer, retry_after = self.client.post(job.url, job.body())
         except BlockedAddress as e:
@@ -602,39 +604,43 @@ class Worker:
     # the loop
 
     def run(self, stop):
-        """Loop until ``stop`` is set, then finish what is under way.
+        """Loop until ``stop`` is set, then finish what is under way and let go.
 
         At start, the leases of this host's dead processes are released (a server restarted
         after a crash resends their deliveries at once).
         """
-        poll = self.config["WORKER_POLL_SECONDS"]
         with self.app.app_context():
             try:
-                db.connect(reuse_if_open=True)
-                release_dead_leases()
-            except Exception:
-                log.exception("could not release the leases of dead processes; they lapse")
-            try:
-                while not stop.is_set():
-                    self.ready.clear()  # before stepping: a request ending meanwhile wakes us
-                    try:
-                        db.connect(reuse_if_open=True)
-                        if time.time() - self.last_purge > 3600:
-                            self.last_purge = time.time()
-                            purge_history(self.config["HISTORY_DAYS"])
-                        self.step()
-                        timeout = self.wait_time(poll)
-                    except Exception:
-                        log.exception("delivery step failed; retrying shortly")
-                        if not db.is_closed():
-                            db.close()
-                        timeout = poll
-                    self.ready.wait(timeout)
+                try:
+                    db.connect(reuse_if_open=True)
+                    release_dead_leases()
+                except Exception:
+                    log.exception("could not release the leases of dead processes; they lapse")
+                self.loop(stop)
             finally:
                 self.wind_down()
                 if not db.is_closed():
                     db.close()
-        self.close()
+                self.close()
+
+    def loop(self, stop):
+        """Step whenever a request ends, work is announced or it is time; purge hourly."""
+        poll = self.config["WORKER_POLL_SECONDS"]
+        while not stop.is_set():
+            self.ready.clear()  # before stepping: a request ending meanwhile wakes us at once
+            try:
+                db.connect(reuse_if_open=True)
+                if time.time() - self.last_purge > 3600:
+                    self.last_purge = time.time()
+                    purge_history(self.config["HISTORY_DAYS"])
+                self.step()
+                timeout = self.wait_time(poll)
+            except Exception:
+                log.exception("delivery step failed; retrying shortly")
+                if not db.is_closed():
+                    db.close()
+                timeout = poll
+            self.ready.wait(timeout)
 
     def wind_down(self):
         """Stop: hand back what has not started, and write the outcomes of the requests
@@ -644,11 +650,13 @@ class Worker:
         try:
             db.connect(reuse_if_open=True)
             self.release(waiting)
-            while self.in_flight or self.unrecorded:
-                self.ready.wait(1.0)
-                self.ready.clear()
+            while True:
                 self.collect()
                 self.write_outcomes()
+                if not (self.in_flight or self.unrecorded):
+                    return
+                self.ready.wait(self.wait_time(1.0))
+                self.ready.clear()
         except Exception:
             log.exception("could not write every outcome on stopping; those leases lapse")
 

@@ -130,6 +130,26 @@ def test_a_delivery_waiting_too_long_for_a_slot_is_handed_back_untried(
     assert waited.lease_owner is None and waited.next_attempt_at <= time.time()
 
 
+def test_a_stopping_worker_writes_what_is_under_way_and_hands_back_the_rest(
+        make_app, api, setup, service, register):
+    stalled = SocketGateway(never_answer)
+    try:
+        register(setup, "phone-1", url=stalled.url())
+        register(setup, "phone-2", url=stalled.url())
+        app = make_app(GATEWAY_CONCURRENCY=1, GATEWAY_CONNECT_TIMEOUT=0.5,
+                       GATEWAY_READ_TIMEOUT=1.5, WORKER_POLL_SECONDS=0.1)
+        api.send(service)
+        with running(app):
+            wait_until(lambda: stalled.accepted(), 10, "the first request to start")
+        # running() returned: the worker has stopped
+        assert stalled.accepted() == 1
+    finally:
+        stalled.close()
+    tried, waited = rows()
+    assert (tried.attempts, tried.lease_owner, tried.state) == (1, None, "pending")
+    assert (waited.attempts, waited.lease_owner, waited.state) == (0, None, "pending")
+
+
 # --- fairness between gateways ----------------------------------------------------------------
 
 
