@@ -38,6 +38,7 @@ import os
 import queue
 import random
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -723,13 +724,22 @@ def stop_embedded():
 
 
 def run_forever(app):
-    """The ``flask worker`` command: a worker in the foreground until interrupted."""
+    """The ``flask worker`` command: a worker in the foreground until SIGINT or SIGTERM.
+
+    The signal only sets ``stop`` (a KeyboardInterrupt could land in the middle of the
+    worker's bookkeeping); the worker then winds down within a poll interval. A second
+    signal ends the process at once.
+    """
     stop = threading.Event()
-    log.info("delivery worker started")
-    try:
-        Worker(app).run(stop)
-    except KeyboardInterrupt:
+
+    def request_stop(signum, frame):
         stop.set()
+        signal.signal(signum, signal.SIG_DFL)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    log.info("delivery worker started")
+    Worker(app).run(stop)
     log.info("delivery worker stopped")
 
 

@@ -2,7 +2,7 @@
 
 ``delivery.py`` decides *when* a delivery is sent and records what happened; this module knows
 *how*: the request body each gateway URL gets, the HTTP client that may call a URL a user chose
-(SSRF rules), and the mapping of a gateway's answer to one ``Outcome`` per delivery. Everything
+(SSRF rules, and a deadline on each whole request), and the mapping of a gateway's answer to one ``Outcome`` per delivery. Everything
 here is a plain function or a small class that tests can call directly, without a worker.
 """
 
@@ -44,8 +44,8 @@ class Outcome:
     """What became of one delivery in one request.
 
     ``result`` is ``delivered``, ``failed`` (for good) or ``retry`` (later, with backoff).
-    ``rejected`` holds the pushkeys the
-    gateway rejected in its answer; ``retry_after`` is a 429/5xx answer's Retry-After header.
+    ``rejected`` holds the pushkeys the gateway rejected in its answer; ``retry_after`` is a
+    429/5xx answer's Retry-After header (or the end of its gateway's pause, if later).
     """
 
     delivery: object
