@@ -14,10 +14,10 @@ writes the outcome of each request as soon as it ends (together with those that 
 same few milliseconds: one commit for many), starts requests as sending threads and gateways
 allow, and claims more while there is room, whatever is still under way. A request ends within
 its deadline (``GatewayClient``: connect + read timeout in all). Gateways are kept apart
-(``Throttle``): at most ``PUSH_GATEWAY_CONCURRENCY`` requests in flight per gateway host, and a
-host that fails transiently is paused as a whole, its deliveries (new ones too) handed back
-untried, due when the pause ends, no attempt counted. Work waiting for a slow host does not
-stop the worker from claiming work for others.
+(``Throttle``, in each worker's memory): at most ``PUSH_GATEWAY_CONCURRENCY`` requests in flight
+per gateway host, and a host that fails transiently is paused as a whole, its deliveries (new
+ones too) handed back untried, due when the pause ends, no attempt counted. Work waiting for a
+slow host does not stop the worker from claiming work for others.
 
 Leases: a request starts only while its lease covers the request's deadline and time to
 write its outcome, so no other worker can take a delivery over while it is being sent or

@@ -2,8 +2,9 @@
 
 ``delivery.py`` decides *when* a delivery is sent and records what happened; this module knows
 *how*: the request body each gateway URL gets, the HTTP client that may call a URL a user chose
-(SSRF rules, and a deadline on each whole request), and the mapping of a gateway's answer to one ``Outcome`` per delivery. Everything
-here is a plain function or a small class that tests can call directly, without a worker.
+(SSRF rules, and a deadline on each whole request), and the mapping of a gateway's answer to
+one ``Outcome`` per delivery. Everything here is a plain function or a small class that tests
+can call directly, without a worker.
 """
 
 import heapq
@@ -240,7 +241,8 @@ def guarded(connection_cls, allow_private, watch):
             return sock
 
         def request(self, *args, **kwargs):
-            if self.sock is not None:  # a pooled connection, used again
+            """Send a request; a pooled connection used again goes under its deadline."""
+            if self.sock is not None:
                 watch(self.sock)
             return super().request(*args, **kwargs)
 
@@ -323,6 +325,7 @@ class Watchdog:
         return deadline
 
     def run(self):
+        """The thread: expire each deadline when its time comes, until closed."""
         with self.condition:
             while not self.closed:
                 current = time.monotonic()
