@@ -7,7 +7,8 @@
   requests, then 200; ``bad...`` gets 400 (a permanent failure); anything else 200; it can
   take ``delay`` seconds over each answer and counts the requests it holds at once;
 - ``SocketGateway``: a misbehaving gateway on a raw socket (``trickle_body``,
-  ``trickle_headers``, ``stall_after_headers``, ``never_answer``, ``trickle_tls_handshake``);
+  ``trickle_headers``, ``stall_after_headers``, ``never_answer``, ``trickle_tls_handshake``),
+  and ``untrusted_tls_gateway``, whose certificate comes from a CA nobody trusts;
 - the phone's side of the crypto (``phone_decrypt``), written again from SPEC section 4,
   independent of crypto.py;
 - database peeks (``fetch``, ``instance_bytes``) and a worker driver (``drain``).
@@ -17,6 +18,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -24,6 +26,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
+import trustme
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -459,3 +462,18 @@ class SocketGateway:
         with self.lock:
             for connection in self.connections:
                 connection.close()
+
+
+def untrusted_tls_gateway():
+    """A TLS gateway on 127.0.0.1 whose certificate comes from a CA nobody trusts."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+
+    def serve(connection, done):
+        try:
+            with context.wrap_socket(connection, server_side=True) as tls:
+                tls.recv(65536)
+        except ssl.SSLError:  # the client refuses our certificate and hangs up
+            pass
+
+    return SocketGateway(serve)

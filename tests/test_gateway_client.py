@@ -5,11 +5,9 @@ read timeout is longer than the gap between two bytes of a trickling one, so onl
 on the whole request (connect + read timeout) can end those.
 """
 
-import ssl
 import threading
 
 import pytest
-import trustme
 import urllib3
 from support import (
     SocketGateway,
@@ -18,6 +16,7 @@ from support import (
     trickle_body,
     trickle_headers,
     trickle_tls_handshake,
+    untrusted_tls_gateway,
 )
 
 from gateway import USER_AGENT, CertificateFailure, DeadlineExceeded, GatewayClient
@@ -92,18 +91,7 @@ def test_a_deadline_cuts_off_only_its_own_request(client, gateway):
 
 
 def test_an_untrusted_certificate_is_a_certificate_failure(client):
-    authority = trustme.CA()  # a CA the client has never heard of
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
-
-    def serve_tls(connection, done):
-        try:
-            with context.wrap_socket(connection, server_side=True) as tls:
-                tls.recv(65536)
-        except ssl.SSLError:  # the client refuses our certificate and hangs up
-            pass
-
-    tls_gateway = SocketGateway(serve_tls)
+    tls_gateway = untrusted_tls_gateway()
     try:
         with pytest.raises(CertificateFailure, match="certificate verify failed"):
             client.post(tls_gateway.url(scheme="https"), {"notification": {}})

@@ -10,7 +10,6 @@ server killed with SIGKILL while requests to a stalling gateway are in flight.
 
 import os
 import sqlite3
-import ssl
 import subprocess
 import sys
 import threading
@@ -19,9 +18,16 @@ from collections import Counter
 from contextlib import closing, contextmanager
 
 import pytest
-import trustme
 from servers import Gunicorn, call, cli, cli_token, free_port, push_env, wait_until
-from support import Gateway, SocketGateway, drain, fetch, never_answer, trickle_body
+from support import (
+    Gateway,
+    SocketGateway,
+    drain,
+    fetch,
+    never_answer,
+    trickle_body,
+    untrusted_tls_gateway,
+)
 
 import delivery
 from models import Delivery, db
@@ -58,21 +64,6 @@ def rows(**where):
     for name, value in where.items():
         query = query.where(getattr(Delivery, name) == value)
     return fetch(query)
-
-
-def tls_gateway():
-    """A TLS gateway on 127.0.0.1 whose certificate comes from a CA nobody trusts."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
-
-    def serve(connection, done):
-        try:
-            with context.wrap_socket(connection, server_side=True) as tls:
-                tls.recv(65536)
-        except ssl.SSLError:
-            pass
-
-    return SocketGateway(serve)
 
 
 # --- no waiting on strangers ------------------------------------------------------------------
@@ -225,7 +216,7 @@ def test_a_failing_gateway_is_paused_and_its_deliveries_wait_for_it(
 
 def test_certificate_failures_are_retried_and_pause_the_gateway(
         make_app, api, setup, service, register):
-    bad_tls = tls_gateway()
+    bad_tls = untrusted_tls_gateway()
     try:
         for i in range(3):
             register(setup, f"phone-{i}", url=bad_tls.url(scheme="https"))
