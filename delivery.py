@@ -5,29 +5,48 @@ Every (notification, pusher) pair is a ``Delivery`` row. A worker claims due row
 a new month is sealed with the new month's key), sends it, and records the outcome:
 
 - 2xx: delivered; a pushkey in ``rejected`` that we sent removes its pusher.
-- 429, 5xx, timeouts, refused connections: retried with exponential backoff.
+- 429, 5xx, timeouts, refused connections, untrusted certificates: retried with exponential
+  backoff.
 - any other answer: failed for good, with the reason kept.
 
-A round never starts a request its lease might not outlast (lease minus the connect and read
-timeouts); what is left is handed back, due at once, so a slow gateway cannot make two workers
-send the same delivery.
+No one waits on strangers. The worker is a pipeline, not a series of rounds: its loop (``step``)
+writes the outcome of each request as soon as it ends (together with those that ended in the
+same few milliseconds: one commit for many), starts requests as sending threads and gateways
+allow, and claims more while there is room, whatever is still under way. A request ends within
+its deadline (``GatewayClient``: connect + read timeout in all). Gateways are kept apart
+(``Throttle``, in each worker's memory): at most ``PUSH_GATEWAY_CONCURRENCY`` requests in flight
+per gateway host, and a host that fails transiently is paused as a whole, its deliveries (new
+ones too) handed back untried, due when the pause ends, no attempt counted. Work waiting for a
+slow host does not stop the worker from claiming work for others.
+
+Leases: a request starts only while its lease covers the request's deadline and time to
+write its outcome, so no other worker can take a delivery over while it is being sent or
+before its outcome is written; a delivery that waited too long for a slot is handed back
+untried. Without a crash nothing is sent twice. A lease names its owner's host, process id
+and process start time; a worker starting on a host releases at once the leases of that host's
+processes that are gone (a crash, a ``kill -9``), and their deliveries are sent again, the one
+case where a gateway may get a notification twice. Leases of other hosts lapse after
+``PUSH_DELIVERY_LEASE_SECONDS``.
 
 A worker runs inside each server process by default (``PUSH_EMBEDDED_WORKER``; ``init_app``
-says where exactly) and as ``flask --app app worker``. A worker killed mid-send leaves its lease
-to expire (``PUSH_DELIVERY_LEASE_SECONDS``); the rows are then sent again, so nothing is lost.
-
-What a request looks like and what a gateway's answer means live in ``gateway.py``; this
-module is the queue: claim, send, record.
+says where exactly) and as ``flask --app app worker``. What a request looks like and what a
+gateway's answer means live in ``gateway.py``; this module is the queue: claim, send, record.
 """
 
 import logging
 import os
+import queue
+import random
 import secrets
+import signal
 import socket
 import threading
 import time
+import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from hashlib import sha256
 
 from cryptography.exceptions import InvalidTag
 from peewee import SqliteDatabase, fn
@@ -58,14 +77,31 @@ from models import (
 
 log = logging.getLogger("push.delivery")
 
-_wake = threading.Event()
+#: A gateway none of whose requests has started or ended for this long, while more work for
+#: it waits, is slow: the worker claims past its waiting work (a healthy gateway answers in
+#: well under a second, and frees a slot every moment while it has a backlog).
+SLOW_GATEWAY_SECONDS = 1.0
+
+#: Outcomes are written at most this long after their request ended, in one transaction with
+#: those that ended meanwhile: under load, one commit (one fsync) for many outcomes.
+RECORD_WINDOW_SECONDS = 0.05
+
+#: Deliveries waiting for a slow gateway are held in memory up to this many claims' worth
+#: (PUSH_WORKER_CLAIM each); beyond it the worker claims nothing more until some have gone.
+HELD_CLAIMS = 10
+
+_listeners = weakref.WeakSet()  # the ``ready`` events of this process's workers
+_listeners_lock = threading.Lock()
 _embedded = {"pid": None, "app": None, "stop": None, "thread": None}
 _embedded_lock = threading.Lock()
 
 
 def wake():
-    """Tell this process's worker that new deliveries are queued."""
-    _wake.set()
+    """Tell this process's workers that new deliveries are queued."""
+    with _listeners_lock:
+        events = list(_listeners)
+    for event in events:
+        event.set()
 
 
 def current_period():
@@ -89,37 +125,234 @@ def retry_delay(config, attempts, retry_after=None):
     return delay
 
 
+def retry_seconds(outcome):
+    """An outcome's Retry-After in seconds (0 when it has none or none that reads as such)."""
+    try:
+        return float(outcome.retry_after)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+# --- lease owners -----------------------------------------------------------------------------
+
+
+def process_start(pid):
+    """When process ``pid`` started (clock ticks after boot, from /proc), or None if no such
+    process runs (a zombie is dead) or /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name before it may hold anything
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def this_host():
+    """This machine's name as lease owners carry it: at most 24 characters, a longer name cut
+    and ended with a hash of the whole (two hosts must not share a name here)."""
+    host = socket.gethostname()
+    return host if len(host) <= 24 else host[:15] + "~" + sha256(host.encode()).hexdigest()[:8]
+
+
+def lease_owner():
+    """A new owner name, "host:pid:start time:random": the random part tells apart two workers
+    of one process. At most 24 + 7 + 20 + 8 + 3 = 62 characters (the column holds 64)."""
+    pid = os.getpid()
+    return f"{this_host()}:{pid}:{process_start(pid) or '-'}:{secrets.token_hex(4)}"
+
+
+def owner_is_dead(owner, host):
+    """Whether ``owner`` names a process of ``host`` (this one) that no longer runs: its pid
+    is gone, or taken by a process that started at another time."""
+    parts = owner.rsplit(":", 3)
+    if len(parts) != 4 or parts[0] != host or not parts[1].isdigit() or parts[2] == "-":
+        return False  # another host, or an owner we cannot judge: its lease lapses
+    return process_start(int(parts[1])) != parts[2]
+
+
+def release_dead_leases():
+    """Release the leases held by this host's dead processes; return how many.
+
+    Their deliveries are due again at once instead of after PUSH_DELIVERY_LEASE_SECONDS.
+    """
+    if process_start(os.getpid()) is None:
+        return 0  # no /proc here: we cannot tell a live process from a dead one
+    host = this_host()
+    owners = (Delivery.select(Delivery.lease_owner).distinct()
+              .where((Delivery.state == "pending") & Delivery.lease_owner.startswith(host + ":")))
+    dead = [owner for (owner,) in owners.tuples() if owner_is_dead(owner, host)]
+    if not dead:
+        return 0
+    with transaction():
+        released = (Delivery.update(lease_owner=None, lease_until=None)
+                    .where((Delivery.state == "pending") & Delivery.lease_owner.in_(dead))
+                    .execute())
+    log.warning("released %d deliveries leased by %d processes of this host that are gone",
+                released, len(dead))
+    return released
+
+
+# --- fairness between gateways ----------------------------------------------------------------
+
+
+class GatewayState:
+    """What a worker knows of one gateway host: requests in flight, trouble, last movement."""
+
+    def __init__(self):
+        self.in_flight = 0
+        self.failures = 0  # transient failures in a row
+        self.paused_until = 0.0  # unix time
+        self.moved = time.monotonic()  # when a request to it last started or ended
+
+
+class Throttle:
+    """Which gateway hosts (host and port of the URL) a worker may send to now.
+
+    A host gets at most GATEWAY_CONCURRENCY requests at once, so a slow one cannot take every
+    sending thread. A host whose request failed transiently (network error, deadline,
+    untrusted certificate, 429, 5xx) is paused as a whole: GATEWAY_PAUSE_INITIAL_SECONDS,
+    doubling with each failure in a row up to GATEWAY_PAUSE_MAX_SECONDS, each pause drawn
+    between half and all of that (jitter: workers paused together do not all come back
+    together). After a pause one request at a time tries the host; the first success ends its
+    trouble. The state lives in this worker's memory: each server process learns by itself
+    that a gateway fails, at the cost of a request or so.
+    """
+
+    def __init__(self, config):
+        self.cap = max(1, config["GATEWAY_CONCURRENCY"])
+        self.initial = config["GATEWAY_PAUSE_INITIAL_SECONDS"]
+        self.maximum = config["GATEWAY_PAUSE_MAX_SECONDS"]
+        self.hosts = {}
+
+    def paused_until(self, host):
+        """The unix time a paused host may be tried again, or None if it is not paused."""
+        state = self.hosts.get(host)
+        return state.paused_until if state and state.paused_until > time.time() else None
+
+    def may_start(self, host):
+        """Whether a request to ``host`` may start now."""
+        state = self.hosts.get(host)
+        if state is None:
+            return True
+        if state.failures:  # in trouble: one request at a time, once the pause is over
+            return state.in_flight == 0 and state.paused_until <= time.time()
+        return state.in_flight < self.cap
+
+    def started(self, host):
+        """A request to ``host`` started."""
+        state = self.hosts.setdefault(host, GatewayState())
+        state.in_flight += 1
+        state.moved = time.monotonic()
+
+    def finished(self, host, failed):
+        """A request to ``host`` ended; ``failed`` if it failed transiently."""
+        state = self.hosts[host]
+        state.in_flight -= 1
+        state.moved = time.monotonic()
+        if failed:
+            state.failures += 1
+            pause = min(self.initial * 2 ** (state.failures - 1), self.maximum)
+            state.paused_until = time.time() + pause * random.uniform(0.5, 1.0)
+        else:
+            state.failures, state.paused_until = 0, 0.0
+        if not state.in_flight and not state.failures:
+            del self.hosts[host]  # nothing worth remembering
+
+    def slow(self, host):
+        """Whether ``host`` has had requests in flight and none started or ended for a while."""
+        state = self.hosts.get(host)
+        return (state is not None and state.in_flight > 0
+                and time.monotonic() - state.moved > SLOW_GATEWAY_SECONDS)
+
+
+# --- the worker -------------------------------------------------------------------------------
+
+
 class Worker:
-    """Claims due deliveries, sends them, records outcomes. One per process or command."""
+    """Claims due deliveries, sends them, records outcomes. One per process or command.
+
+    The loop (``run``) calls ``step`` whenever a request ends, new work is announced or the
+    poll interval passes; ``run_once`` drives the same steps to completion for tests. All
+    database work happens in the thread that steps; the sending threads only talk HTTP and
+    hand their outcomes back through ``finished``.
+    """
 
     def __init__(self, app):
         self.app = app
         self.config = app.config
-        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = lease_owner()
         self.threads = max(1, self.config["WORKER_THREADS"])
-        self.client = GatewayClient(self.config, self.threads)
+        self.client = GatewayClient(self.config, max(1, self.config["GATEWAY_CONCURRENCY"]))
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="push-send")
+        self.throttle = Throttle(self.config)
         self.server_key = app.extensions["push_server_key"]
-        self.send_deadline = 0.0
+        lease = self.config["DELIVERY_LEASE_SECONDS"]
+        request_time = (self.config["GATEWAY_CONNECT_TIMEOUT"]
+                        + self.config["GATEWAY_READ_TIMEOUT"])
+        # A request starts only while this much of its lease is left: its deadline, and half
+        # of the lease's slack to write its outcome after it (a busy database may make that
+        # wait); the other half of the slack is for waiting for a free slot.
+        self.start_margin = request_time + max(0.0, lease - request_time) / 2
+        self.waiting = {}  # gateway host -> deque of (job, latest start as unix time)
+        self.in_flight = 0
+        self.finished = queue.SimpleQueue()  # (job, outcomes, failed) from sending threads
+        self.unrecorded = []  # outcomes collected but not written yet
+        self.unrecorded_since = 0.0  # when the first of them was collected (monotonic)
+        self.ready = threading.Event()  # set when a request ends or work is announced
+        with _listeners_lock:
+            _listeners.add(self.ready)
         self.last_purge = 0.0
 
     def run_once(self):
-        """Claim, send and record one round; return how many deliveries it handled."""
-        # Our lease must outlast any request we start: past this moment, a request could still
-        # be under way when another worker takes the delivery over, so we hand it back instead.
-        self.send_deadline = (time.time() + self.config["DELIVERY_LEASE_SECONDS"]
-                              - self.config["GATEWAY_CONNECT_TIMEOUT"]
-                              - self.config["GATEWAY_READ_TIMEOUT"])
-        ids = self.claim()
-        if not ids:
-            return 0
-        deliveries = list(Delivery.select().where(Delivery.id.in_(ids)))
-        outcomes = []
-        jobs = self.build_jobs(deliveries, outcomes)
-        for result in self.executor.map(self.send, jobs):
-            outcomes.extend(result)
-        self.record(outcomes)
-        return len(deliveries)
+        """Claim what is due, send it and wait until every outcome is written; return how many
+        deliveries were claimed (tests and benchmarks drive the worker with this)."""
+        claimed = self.step()
+        while self.in_flight or self.waiting or self.unrecorded:
+            self.ready.wait(self.wait_time(1.0))
+            self.ready.clear()
+            self.step(claim=False)
+        return claimed
+
+    def step(self, claim=True):
+        """Write what has ended, start what may start, claim more while there is room; return
+        how many deliveries were claimed."""
+        self.collect()
+        self.start_waiting()  # first, so that the sending threads work while we write
+        self.write_outcomes()
+        claimed = 0
+        while claim and self.room_to_claim():
+            start_by = time.time() + self.config["DELIVERY_LEASE_SECONDS"] - self.start_margin
+            ids = self.claim()
+            if not ids:
+                break
+            claimed += len(ids)
+            self.queue(ids, start_by)
+            if self.start_waiting():
+                break  # what was just handed back would be claimed again at once
+        return claimed
+
+    def room_to_claim(self):
+        """Whether to claim more now: a sending thread is free, and all that waits for a slot
+        waits for a slow gateway (one that frees slots every moment is worked through first)."""
+        if self.in_flight >= self.threads:
+            return False
+        held = sum(len(job.items) for jobs in self.waiting.values() for job, _ in jobs)
+        if held >= HELD_CLAIMS * self.config["WORKER_CLAIM"]:
+            return False
+        return all(self.throttle.slow(host) for host in self.waiting)
+
+    def wait_time(self, poll):
+        """How long the loop may sleep: until the poll interval, the moment outcomes are due to
+        be written, the first waiting request's latest start, or the moment a gateway with
+        waiting work counts as slow."""
+        times = [poll]
+        if self.unrecorded:
+            times.append(self.record_wait())
+        if self.waiting:
+            first = min(jobs[0][1] for jobs in self.waiting.values())
+            times += [SLOW_GATEWAY_SECONDS, first - time.time()]
+        return max(0.0, min(times))
 
     def claim(self):
         """Lease up to WORKER_CLAIM due deliveries to this worker; return their ids."""
@@ -138,6 +371,22 @@ class Worker:
                                  lease_until=current + self.config["DELIVERY_LEASE_SECONDS"])
                  .where(Delivery.id.in_(ids)).execute())
         return ids
+
+    def queue(self, ids, start_by):
+        """Build the requests for claimed deliveries and line them up by gateway host; those
+        for a paused host go back untried, due when its pause ends."""
+        deliveries = list(Delivery.select().where(Delivery.id.in_(ids))
+                          .order_by(Delivery.next_attempt_at, Delivery.id))  # oldest first
+        unsendable, paused = [], {}
+        for job in self.build_jobs(deliveries, unsendable):
+            until = self.throttle.paused_until(job.host)
+            if until:
+                paused.setdefault(until, []).extend(job.deliveries)
+            else:
+                self.waiting.setdefault(job.host, deque()).append((job, start_by))
+        self.record(unsendable)
+        for until, waiting in paused.items():
+            self.release(waiting, due=until)
 
     # building
 
@@ -162,7 +411,7 @@ class Worker:
             except Unsendable as e:
                 outcomes.append(Outcome(d, "failed", str(e)))
                 continue
-            except Exception as e:  # one bad row must not stall the whole round
+            except Exception as e:  # one bad row must not stall the others
                 log.exception("could not build delivery %s", d.id)
                 outcomes.append(Outcome(d, "failed", f"could not build the request: {e!r}"[:300]))
                 continue
@@ -170,7 +419,7 @@ class Worker:
         return group_into_jobs(requests)
 
     def generations_for(self, key_ids, period):
-        """{key id: (key_identifier, generation for ``period``)} for a round's keys.
+        """{key id: (key_identifier, generation for ``period``)} for a claim's keys.
 
         Keys behind ``period`` are ratcheted forward and stored before use, all in one
         transaction; a key another worker moved meanwhile is read again.
@@ -210,32 +459,102 @@ class Worker:
 
     # sending
 
+    def start_waiting(self):
+        """Start waiting requests whose gateway has a free slot; hand back untried those of a
+        gateway that has been paused, due when the pause ends, and those whose lease would no
+        longer cover them, due at once (returns how many of the latter)."""
+        current = time.time()
+        late = []
+        for host, jobs in list(self.waiting.items()):
+            while jobs and jobs[0][1] < current:  # claimed together, so the oldest come first
+                late.extend(jobs.popleft()[0].deliveries)
+            until = self.throttle.paused_until(host)
+            if until:
+                self.release([d for job, _ in jobs for d in job.deliveries], due=until)
+                jobs.clear()
+            while jobs and self.in_flight < self.threads and self.throttle.may_start(host):
+                self.start(jobs.popleft()[0])
+            if not jobs:
+                del self.waiting[host]
+        self.release(late)
+        return len(late)
+
+    def start(self, job):
+        """Hand one request to a sending thread."""
+        self.in_flight += 1
+        self.throttle.started(job.host)
+        self.executor.submit(self.send_and_report, job)
+
+    def send_and_report(self, job):
+        """In a sending thread: send, then hand the outcomes to the stepping thread."""
+        try:
+            outcomes, failed = self.send(job)
+        except Exception as e:  # a bug must not keep the slot or the leases forever
+            log.exception("sending to %s failed unexpectedly", job.host)
+            outcomes, failed = [Outcome(d, "retry", f"internal error: {e!r}"[:300])
+                                for d in job.deliveries], False
+        self.finished.put((job, outcomes, failed))
+        self.ready.set()
+
     def send(self, job):
-        """Send one request; return an Outcome for each delivery it carries."""
-        if time.time() > self.send_deadline:
-            return [Outcome(d, "released") for d in job.deliveries]
+        """Send one request; return (an Outcome for each delivery it carries, whether the
+        gateway failed transiently: no full answer in time, no connection, a certificate that
+        does not verify, 429 or 5xx)."""
         try:
             with metrics.timed_gateway_request(job.host):
                 status, answer, retry_after = self.client.post(job.url, job.body())
         except BlockedAddress as e:
-            return [Outcome(d, "failed", str(e)) for d in job.deliveries]
+            return [Outcome(d, "failed", str(e)) for d in job.deliveries], False
         except Exception as e:  # network trouble of any kind: try again later
             reason = f"{type(e).__name__}: {str(e)[:200]}"
             log.info("gateway %s unreachable (%s); %d deliveries retry", job.host, reason,
                      len(job.items))
-            return [Outcome(d, "retry", reason) for d in job.deliveries]
+            return [Outcome(d, "retry", reason) for d in job.deliveries], True
         if not (200 <= status < 300 or status == 429 or status >= 500):
             log.warning("gateway %s refused %d deliveries with %s", job.host, len(job.items),
                         status)
-        return outcomes_for(job, status, answer, retry_after)
+        failed = status == 429 or status >= 500
+        return outcomes_for(job, status, answer, retry_after), failed
 
     # recording
 
+    def collect(self):
+        """Take in every request that has ended since the last step: its slot is free again,
+        its gateway's health updated, its outcomes ready to be written."""
+        while True:
+            try:
+                job, outcomes, failed = self.finished.get_nowait()
+            except queue.Empty:
+                break
+            self.in_flight -= 1
+            self.throttle.finished(job.host, failed)
+            until = self.throttle.paused_until(job.host)
+            for outcome in outcomes:
+                if until and outcome.result == "retry":  # no sooner than the pause ends
+                    outcome.retry_after = max(until - time.time(), retry_seconds(outcome))
+            if not self.unrecorded:
+                self.unrecorded_since = time.monotonic()
+            self.unrecorded.extend(outcomes)
+
+    def write_outcomes(self):
+        """Write what ``collect`` took in, once the oldest of it is RECORD_WINDOW_SECONDS old
+        or nothing else is under way (kept for the next step if the database fails)."""
+        if not self.unrecorded or (self.in_flight and self.record_wait() > 0):
+            return
+        self.record(self.unrecorded)
+        self.unrecorded = []
+
+    def record_wait(self):
+        """Seconds until the outcomes taken in are due to be written."""
+        return self.unrecorded_since + RECORD_WINDOW_SECONDS - time.monotonic()
+
     def record(self, outcomes):
-        """Write every outcome of a round in one transaction; only rows we still hold.
+        """Write outcomes in one transaction; only rows we still hold.
 
         Plain successes (the common case) are written in bulk; the rest row by row.
         """
+        if not outcomes:
+            return
         current = time.time()
         plain = [o.delivery.id for o in outcomes
                  if o.result == "delivered" and not o.pushkey_rejected]
@@ -258,9 +577,8 @@ class Worker:
     def record_one(self, outcome, current):
         """Write one outcome that is not a plain success."""
         d, result = outcome.delivery, outcome.result
-        changes = {"lease_owner": None, "lease_until": None}
-        if result != "released":  # released: not tried, due again at once
-            changes.update(attempts=d.attempts + 1, last_error=outcome.reason)
+        changes = {"lease_owner": None, "lease_until": None, "attempts": d.attempts + 1,
+                   "last_error": outcome.reason}
         if result == "retry":
             next_at = current + retry_delay(self.config, d.attempts + 1, outcome.retry_after)
             if next_at - d.created_at > self.config["RETRY_GIVE_UP_SECONDS"]:
@@ -274,37 +592,87 @@ class Worker:
          .execute())
         metrics.delivery_outcome("rejected" if outcome.pushkey_rejected else result)
 
+    def release(self, deliveries, due=None):
+        """Hand deliveries back untried, no attempt counted: due at ``due``, or at once."""
+        ids = [d.id for d in deliveries]
+        if not ids:
+            return
+        changes = {"lease_owner": None, "lease_until": None}
+        if due is not None:
+            changes["next_attempt_at"] = due
+        with transaction():
+            for start in range(0, len(ids), 500):
+                (Delivery.update(changes)
+                 .where(Delivery.id.in_(ids[start:start + 500])
+                        & (Delivery.lease_owner == self.owner))
+                 .execute())
+
     # the loop
 
     def run(self, stop):
-        """Loop until ``stop`` is set: rounds while there is work, else wait for a wake-up."""
-        poll = self.config["WORKER_POLL_SECONDS"]
+        """Loop until ``stop`` is set, then finish what is under way and let go.
+
+        At start, the leases of this host's dead processes are released (a server restarted
+        after a crash resends their deliveries at once).
+        """
         with self.app.app_context():
-            while not stop.is_set():
+            try:
                 try:
                     db.connect(reuse_if_open=True)
-                    if time.time() - self.last_purge > 3600:
-                        self.last_purge = time.time()
-                        purge_history(self.config["HISTORY_DAYS"])
-                        purge_audit(self.config["AUDIT_DAYS"])
-                    handled = self.run_once()
+                    release_dead_leases()
                 except Exception:
-                    log.exception("delivery round failed; retrying shortly")
-                    if not db.is_closed():
-                        db.close()
-                    handled = 0
-                    stop.wait(poll)
-                if not handled and not stop.is_set():
-                    _wake.wait(poll)
-                    _wake.clear()
-            if not db.is_closed():
-                db.close()
-        self.close()
+                    log.exception("could not release the leases of dead processes; they lapse")
+                self.loop(stop)
+            finally:
+                self.wind_down()
+                if not db.is_closed():
+                    db.close()
+                self.close()
+
+    def loop(self, stop):
+        """Step whenever a request ends, work is announced or it is time; purge hourly."""
+        poll = self.config["WORKER_POLL_SECONDS"]
+        while not stop.is_set():
+            self.ready.clear()  # before stepping: a request ending meanwhile wakes us at once
+            try:
+                db.connect(reuse_if_open=True)
+                if time.time() - self.last_purge > 3600:
+                    self.last_purge = time.time()
+                    purge_history(self.config["HISTORY_DAYS"])
+                    purge_audit(self.config["AUDIT_DAYS"])
+                self.step()
+                timeout = self.wait_time(poll)
+            except Exception:
+                log.exception("delivery step failed; retrying shortly")
+                if not db.is_closed():
+                    db.close()
+                timeout = poll
+            self.ready.wait(timeout)
+
+    def wind_down(self):
+        """Stop: hand back what has not started, and write the outcomes of the requests
+        under way (each ends within its deadline)."""
+        waiting = [d for jobs in self.waiting.values() for job, _ in jobs for d in job.deliveries]
+        self.waiting.clear()
+        try:
+            db.connect(reuse_if_open=True)
+            self.release(waiting)
+            while True:
+                self.collect()
+                self.write_outcomes()
+                if not (self.in_flight or self.unrecorded):
+                    return
+                self.ready.wait(self.wait_time(1.0))
+                self.ready.clear()
+        except Exception:
+            log.exception("could not write every outcome on stopping; those leases lapse")
 
     def close(self):
         """Let go of the sending threads and pooled connections."""
         self.executor.shutdown(wait=True)
         self.client.close()
+        with _listeners_lock:
+            _listeners.discard(self.ready)
 
 
 def remove_rejected(delivery):
@@ -356,19 +724,28 @@ def stop_embedded():
     """Stop this process's embedded worker and wait for it (tests, clean shutdowns)."""
     if _embedded["pid"] == os.getpid():
         _embedded["stop"].set()
-        _wake.set()
+        wake()
         _embedded["thread"].join(timeout=30)
     _embedded.update(pid=None, app=None, stop=None, thread=None)
 
 
 def run_forever(app):
-    """The ``flask worker`` command: a worker in the foreground until interrupted."""
+    """The ``flask worker`` command: a worker in the foreground until SIGINT or SIGTERM.
+
+    The signal only sets ``stop`` (a KeyboardInterrupt could land in the middle of the
+    worker's bookkeeping); the worker then winds down within a poll interval. A second
+    signal ends the process at once.
+    """
     stop = threading.Event()
-    log.info("delivery worker started")
-    try:
-        Worker(app).run(stop)
-    except KeyboardInterrupt:
+
+    def request_stop(signum, frame):
         stop.set()
+        signal.signal(signum, signal.SIG_DFL)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    log.info("delivery worker started")
+    Worker(app).run(stop)
     log.info("delivery worker stopped")
 
 

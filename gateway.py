@@ -2,16 +2,21 @@
 
 ``delivery.py`` decides *when* a delivery is sent and records what happened; this module knows
 *how*: the request body each gateway URL gets, the HTTP client that may call a URL a user chose
-(SSRF rules), and the mapping of a gateway's answer to one ``Outcome`` per delivery. Its two
-log helpers keep logs safe: ``redact`` shortens pushkeys, ``log_safe`` escapes what a user or
-a request chose. Everything here is a plain function or a small class that tests can call
-directly, without a worker.
+(SSRF rules, and a deadline on each whole request), and the mapping of a gateway's answer to
+one ``Outcome`` per delivery. Its two log helpers keep logs safe: ``redact`` shortens pushkeys,
+``log_safe`` escapes what a user or a request chose. Everything here is a plain function or a
+small class that tests can call directly, without a worker.
 """
 
+import heapq
 import ipaddress
+import itertools
 import json
 import re
 import socket
+import ssl
+import threading
+import time
 from dataclasses import dataclass, field
 
 import urllib3
@@ -49,11 +54,11 @@ def log_safe(text):
 
 @dataclass
 class Outcome:
-    """What became of one delivery in one round.
+    """What became of one delivery in one request.
 
-    ``result`` is ``delivered``, ``failed`` (for good), ``retry`` (later, with backoff) or
-    ``released`` (not tried: handed back, due at once). ``rejected`` holds the pushkeys the
-    gateway rejected in its answer; ``retry_after`` is a 429/5xx answer's Retry-After header.
+    ``result`` is ``delivered``, ``failed`` (for good) or ``retry`` (later, with backoff).
+    ``rejected`` holds the pushkeys the gateway rejected in its answer; ``retry_after`` is a
+    429/5xx answer's Retry-After header (or the end of its gateway's pause, if later).
     """
 
     delivery: object
@@ -208,6 +213,14 @@ class BlockedAddress(Exception):
     """The gateway resolved to an address we may not connect to."""
 
 
+class DeadlineExceeded(Exception):
+    """The gateway did not answer in full within the request's deadline."""
+
+
+class CertificateFailure(Exception):
+    """The gateway's TLS certificate did not verify (retried: its operator may fix it)."""
+
+
 # IPv6 forms that carry an IPv4 address in their last 32 bits: IPv4-compatible (deprecated),
 # IPv4-translated (SIIT) and the well-known NAT64 prefix. IPv4-mapped (::ffff:0:0/96) and 6to4
 # (2002::/16) have their own ipaddress properties.
@@ -239,8 +252,9 @@ def address_allowed(ip):
     return ip.is_global and not ip.is_multicast
 
 
-def guarded(connection_cls, allow_private):
-    """A urllib3 connection class that checks the resolved address before connecting."""
+def guarded(connection_cls, allow_private, watch):
+    """A urllib3 connection class that checks the resolved address before connecting and
+    hands every socket it uses to ``watch`` (the current request's deadline)."""
 
     class Guarded(connection_cls):
         def _new_conn(self):
@@ -254,18 +268,140 @@ def guarded(connection_cls, allow_private):
                 if not addresses:
                     raise BlockedAddress(f"{self.host} resolves only to non-public addresses")
             try:
-                return urllib3_connection.create_connection(
+                sock = urllib3_connection.create_connection(
                     (addresses[0], self.port), self.timeout, socket_options=self.socket_options)
             except socket.timeout as e:
                 raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from e
             except OSError as e:
                 raise NewConnectionError(self, f"Failed to connect: {e}") from e
+            watch(sock)  # before any TLS handshake: a slow one counts too
+            return sock
+
+        def request(self, *args, **kwargs):
+            """Send a request; a pooled connection used again goes under its deadline."""
+            if self.sock is not None:
+                watch(self.sock)
+            return super().request(*args, **kwargs)
 
     return Guarded
 
 
+class Deadline:
+    """The time limit of one request: when it is up, the request's sockets are shut down, so
+    whatever read or write is under way ends at once."""
+
+    def __init__(self, at):
+        self.at = at
+        self.lock = threading.Lock()
+        self.copies = {}  # watched socket's descriptor -> a duplicate of it, ours to close
+        self.expired = False
+        self.finished = False
+
+    def watch(self, sock):
+        """Shut ``sock`` down when the time is up (at once if it is up already)."""
+        with self.lock:
+            if self.finished or sock.fileno() in self.copies:
+                return
+            # A duplicate descriptor of the same connection: it stays valid when urllib3 wraps
+            # the socket for TLS (which detaches the original) and is never one that a closed
+            # and reused descriptor number could point at.
+            copy = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            self.copies[sock.fileno()] = copy
+            if self.expired:
+                shut_down(copy)
+
+    def expire(self):
+        """The time is up: shut down every socket of the request, unless it has finished."""
+        with self.lock:
+            if not self.finished:
+                self.expired = True
+                for copy in self.copies.values():
+                    shut_down(copy)
+
+    def finish(self):
+        """The request is over: nothing is shut down after this. Returns whether it expired."""
+        with self.lock:
+            self.finished = True
+            for copy in self.copies.values():
+                copy.close()
+            self.copies.clear()
+            return self.expired
+
+
+def shut_down(sock):
+    """Shut a connection down both ways; a socket already gone is fine."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Watchdog:
+    """One thread that expires deadlines when their time is up, for all requests of a client
+    (a timer thread per request would cost a thread start per request)."""
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.heap = []  # (monotonic time, sequence number, Deadline)
+        self.sequence = itertools.count()
+        self.thread = None
+        self.closed = False
+
+    def start(self, seconds):
+        """A Deadline ``seconds`` from now."""
+        deadline = Deadline(time.monotonic() + seconds)
+        with self.condition:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="push-deadlines",
+                                               daemon=True)
+                self.thread.start()
+            first = not self.heap or deadline.at < self.heap[0][0]
+            heapq.heappush(self.heap, (deadline.at, next(self.sequence), deadline))
+            if first:
+                self.condition.notify()
+        return deadline
+
+    def run(self):
+        """The thread: expire each deadline when its time comes, until closed."""
+        with self.condition:
+            while not self.closed:
+                current = time.monotonic()
+                while self.heap and self.heap[0][0] <= current:
+                    heapq.heappop(self.heap)[2].expire()  # a finished one ignores this
+                self.condition.wait(self.heap[0][0] - current if self.heap else None)
+
+    def close(self):
+        """Stop the thread (requests still under way keep their sockets)."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def certificate_error(error):
+    """The certificate verification failure behind a urllib3 error, if that is what it is."""
+    for _ in range(5):  # urllib3 nests it in args or chains it; a few levels at most
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return error
+        nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
+        error = nested[0] if nested else error.__cause__ or error.__context__
+        if error is None:
+            return None
+    return None
+
+
 class GatewayClient:
-    """POSTs JSON to gateways: pooled connections, timeouts, no redirects, capped responses."""
+    """POSTs JSON to gateways: pooled connections, no redirects, capped responses, and a
+    deadline on the whole exchange.
+
+    The connect and read timeouts of urllib3 bound each socket operation; a gateway that
+    trickles its answer a byte at a time never trips them. So each request also gets a total
+    deadline of connect + read timeout, kept by a watchdog thread that shuts the request's
+    socket down when it passes (whether it is connecting, in a TLS handshake, sending, or
+    reading headers or body). Name resolution is left to the system resolver and its own
+    timeouts; the deadline covers everything from the first connection attempt on.
+    """
 
     HEADERS = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
 
@@ -273,38 +409,60 @@ class GatewayClient:
         allow_private = config["ALLOW_PRIVATE_GATEWAYS"]
         self.timeout = urllib3.Timeout(connect=config["GATEWAY_CONNECT_TIMEOUT"],
                                        read=config["GATEWAY_READ_TIMEOUT"])
+        self.total = config["GATEWAY_CONNECT_TIMEOUT"] + config["GATEWAY_READ_TIMEOUT"]
         self.max_response = config["GATEWAY_MAX_RESPONSE_BYTES"]
+        self.watchdog = Watchdog()
+        self.current = threading.local()  # the deadline of this thread's request
         self.pools = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False)
-        http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,),
-                         {"ConnectionCls": guarded(HTTPConnection, allow_private)})
-        https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,),
-                          {"ConnectionCls": guarded(HTTPSConnection, allow_private)})
+        http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {
+            "ConnectionCls": guarded(HTTPConnection, allow_private, self.watch)})
+        https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,), {
+            "ConnectionCls": guarded(HTTPSConnection, allow_private, self.watch)})
         self.pools.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+
+    def watch(self, sock):
+        """Put ``sock`` under the deadline of the request this thread is making."""
+        self.current.deadline.watch(sock)
 
     def post(self, url, body):
         """Return (status, parsed JSON or None, Retry-After header or None).
 
-        Raises on network errors, a read that times out mid-answer included.
+        Raises DeadlineExceeded when the whole exchange outlasts connect + read timeout,
+        CertificateFailure when the gateway's certificate does not verify, and urllib3's
+        errors on other network trouble.
         """
-        # headers= replaces the pool's headers for this request, so every header goes here.
-        response = self.pools.request(
-            "POST", url, body=json.dumps(body, separators=(",", ":")).encode(),
-            headers=self.HEADERS, redirect=False, retries=False, timeout=self.timeout,
-            preload_content=False)
-        complete = False
+        deadline = self.current.deadline = self.watchdog.start(self.total)
+        response, data, error = None, b"", None
         try:
+            # headers= replaces the pool's headers for this request, so every header goes here.
+            response = self.pools.request(
+                "POST", url, body=json.dumps(body, separators=(",", ":")).encode(),
+                headers=self.HEADERS, redirect=False, retries=False, timeout=self.timeout,
+                preload_content=False)
             data = response.read(self.max_response + 1)
-            complete = len(data) <= self.max_response
+        except Exception as e:
+            error = e
         finally:
-            if not complete:  # broken off or too long: this connection cannot be reused
-                response.close()
-            response.release_conn()
+            expired = deadline.finish()  # before the connection can go back to the pool
+            self.current.deadline = None
+            if response is not None:
+                if error or expired or len(data) > self.max_response:
+                    response.close()  # broken off, late or too long: never reused
+                response.release_conn()
+        if expired:
+            raise DeadlineExceeded(f"no complete answer within the {self.total:g} s deadline"
+                                   " (connect + read timeout)") from error
+        if error is not None:
+            if certificate_error(error) is not None:
+                raise CertificateFailure(str(certificate_error(error))) from error
+            raise error
         try:
-            parsed = json.loads(data) if data and complete else None
+            parsed = json.loads(data) if data and len(data) <= self.max_response else None
         except ValueError:
             parsed = None
         return response.status, parsed, response.headers.get("Retry-After")
 
     def close(self):
-        """Close every pooled connection."""
+        """Close every pooled connection and stop the watchdog."""
         self.pools.clear()
+        self.watchdog.close()

@@ -139,7 +139,8 @@ def notification_accepted():
 
 @harmless
 def delivery_outcome(result, count=1):
-    """A worker recorded ``count`` deliveries with this result (``released`` is not counted)."""
+    """A worker recorded ``count`` deliveries with this result (delivered, retry, failed or
+    rejected; a delivery handed back untried is not counted)."""
     outcome = OUTCOMES.get(result)
     if outcome is not None and count:
         instruments().deliveries.labels(outcome).inc(count)

@@ -82,19 +82,21 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_line(f"tests that ran an app, by database engine: {counts or 'none'}")
 
 
-@pytest.fixture
-def database_url(request):
-    """This test's database URL: None on SQLite (the instance folder's file), else a fresh
-    PostgreSQL database."""
+@pytest.fixture(scope="session")
+def new_database(request):
+    """Factory: the settings that put an app or server processes on a database of their own on
+    the engine of this run ({} on SQLite: the instance folder's file). Session-scoped, so that
+    module-scoped fixtures can use it too."""
     if request.config.getoption("engine") == "sqlite":
-        return None
-    return request.getfixturevalue("pg_url")
+        return dict
+    postgres = request.getfixturevalue("postgres")
+    return lambda: {"DATABASE_URL": postgres.create_database(f"push_test_{next(_databases)}")}
 
 
 @pytest.fixture
-def database_settings(database_url):
+def database_settings(new_database):
     """The settings that put an app or a server process on this test's database."""
-    return {"DATABASE_URL": database_url} if database_url else {}
+    return new_database()
 
 
 @pytest.fixture

@@ -5,7 +5,11 @@
 - ``assert_error``: the one check of an error answer (SPEC section 3);
 - ``Gateway``: a real HTTP push gateway on 127.0.0.1, answering by magic pushkeys as Sygnal's
   tests do: ``reject...`` comes back in ``rejected``; ``fail-N...`` gets 503 for its first N
-  requests, then 200; ``bad...`` gets 400 (a permanent failure); anything else 200;
+  requests, then 200; ``bad...`` gets 400 (a permanent failure); anything else 200; it can
+  take ``delay`` seconds over each answer and counts the requests it holds at once;
+- ``SocketGateway``: a misbehaving gateway on a raw socket (``trickle_body``,
+  ``trickle_headers``, ``stall_after_headers``, ``never_answer``, ``trickle_tls_handshake``),
+  and ``untrusted_tls_gateway``, whose certificate comes from a CA nobody trusts;
 - the phone's side of the crypto (``phone_decrypt``), written again from SPEC section 4,
   independent of crypto.py;
 - database peeks (``fetch``, ``stored_bytes``) and a worker driver (``drain``).
@@ -14,6 +18,8 @@
 import base64
 import json
 import os
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -21,6 +27,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
+import trustme
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -32,7 +39,8 @@ from models import MODELS, db
 
 ISS = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 
-#: Settings of every test app: no background worker, no rate limits, gateways on loopback.
+#: Settings of every test app: no background worker, no rate limits, gateways on loopback,
+#: no waiting between retries nor gateway pauses.
 TEST_CONFIG = {
     "TESTING": True,
     "EMBEDDED_WORKER": False,
@@ -40,6 +48,7 @@ TEST_CONFIG = {
     "ALLOW_HTTP_GATEWAYS": True,
     "ALLOW_PRIVATE_GATEWAYS": True,
     "RETRY_INITIAL_SECONDS": 0.0,
+    "GATEWAY_PAUSE_INITIAL_SECONDS": 0.0,
 }
 
 
@@ -273,7 +282,9 @@ class Gateway:
         self.lock = threading.Lock()
         self.failures = {}
         self.status_override = None
-        self.delay = 0.0  # seconds each answer takes (requests are answered concurrently)
+        self.delay = 0.0  # seconds to hold each request before answering
+        self.active = 0  # requests held right now
+        self.most_active = 0  # the most ever held at once
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -287,8 +298,14 @@ class Gateway:
                 body = json.loads(self.rfile.read(length))
                 with gateway.lock:
                     gateway.headers.append(dict(self.headers))
-                time.sleep(gateway.delay)
-                status, answer = gateway.answer(self.path, body)
+                    gateway.active += 1
+                    gateway.most_active = max(gateway.most_active, gateway.active)
+                try:
+                    time.sleep(gateway.delay)
+                    status, answer = gateway.answer(self.path, body)
+                finally:
+                    with gateway.lock:
+                        gateway.active -= 1
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -362,3 +379,117 @@ class Gateway:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- gateways that misbehave ------------------------------------------------------------------
+
+#: Seconds between two bytes of a trickling gateway: shorter than any read timeout in the tests,
+#: so only a deadline on the whole request ends it.
+TRICKLE_INTERVAL = 0.2
+
+
+def trickle(connection, done, data):
+    """Send ``data`` a byte at a time, TRICKLE_INTERVAL apart, until it is out or ``done``."""
+    for i in range(len(data)):
+        if done.wait(TRICKLE_INTERVAL):
+            return
+        connection.sendall(data[i:i + 1])
+
+
+def trickle_body(connection, done):
+    """200 and headers at once, then a long body a byte at a time."""
+    connection.recv(65536)
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 10000\r\n\r\n")
+    trickle(connection, done, b'{"rejected": []' + b" " * 9984 + b"}")
+
+
+def trickle_headers(connection, done):
+    """The status line, then a header without end, a byte at a time."""
+    connection.recv(65536)
+    connection.sendall(b"HTTP/1.1 200 OK\r\n")
+    trickle(connection, done, b"X-Slow: " + b"a" * 10000)
+
+
+def stall_after_headers(connection, done):
+    """200 and headers promising a body, one byte of it, then silence."""
+    connection.recv(65536)
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{")
+    done.wait()
+
+
+def never_answer(connection, done):
+    """Takes the request and says nothing."""
+    connection.recv(65536)
+    done.wait()
+
+
+def trickle_tls_handshake(connection, done):
+    """Reads a TLS ClientHello and answers with a 16 KiB handshake record, a byte at a time."""
+    connection.recv(65536)
+    trickle(connection, done, b"\x16\x03\x03\x40\x00" + b"\x00" * 16384)
+
+
+class SocketGateway:
+    """A gateway on 127.0.0.1 that does ``behave(connection, done)`` with each connection, in
+    a thread per connection, until ``close``; it keeps every connection it accepted."""
+
+    def __init__(self, behave, port=0):
+        self.behave = behave
+        self.server = socket.create_server(("127.0.0.1", port), backlog=64)
+        self.port = self.server.getsockname()[1]
+        self.done = threading.Event()
+        self.connections = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def url(self, path="/_matrix/push/v1/notify", scheme="http"):
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def serve(self):
+        while not self.done.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections.append(connection)
+            threading.Thread(target=self.handle, args=(connection,), daemon=True).start()
+
+    def handle(self, connection):
+        try:
+            self.behave(connection, self.done)
+        except OSError:  # the client gave up, or the test closed us
+            pass
+
+    def accepted(self):
+        """How many connections it has accepted."""
+        with self.lock:
+            return len(self.connections)
+
+    def close(self):
+        self.done.set()
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept(): close alone does not
+        except OSError:
+            pass
+        self.server.close()
+        with self.lock:
+            for connection in self.connections:
+                connection.close()
+
+
+def untrusted_tls_gateway():
+    """A TLS gateway on 127.0.0.1 whose certificate comes from a CA nobody trusts."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+
+    def serve(connection, done):
+        try:
+            with context.wrap_socket(connection, server_side=True) as tls:
+                tls.recv(65536)
+        except ssl.SSLError:  # the client refuses our certificate and hangs up
+            pass
+
+    return SocketGateway(serve)

@@ -23,11 +23,11 @@ SET = "/push/v1/pushers/set"
 
 
 @pytest.fixture(scope="module")
-def gunicorn_server(tmp_path_factory):
+def gunicorn_server(tmp_path_factory, new_database):
     """(port, user token) of gunicorn with the shipped configuration."""
     folder = tmp_path_factory.mktemp("gunicorn")
-    env = push_env(folder / "instance", RATE_LIMIT_ENABLED=False, EMBEDDED_WORKER=False,
-                   ALLOW_HTTP_GATEWAYS=True, MAX_BODY_BYTES=LIMIT)
+    env = push_env(folder / "instance", **new_database(), RATE_LIMIT_ENABLED=False,
+                   EMBEDDED_WORKER=False, ALLOW_HTTP_GATEWAYS=True, MAX_BODY_BYTES=LIMIT)
     token = server_cli_token(env, "users", "create", "alice")
     with Gunicorn(env, workers=2, log_dir=folder) as server:
         yield server.port, token, server

@@ -50,6 +50,7 @@ def test_deliveries_survive_a_killed_server_and_arrive_exactly_once(tmp_path, se
     env = server_env(tmp_path / "instance", EMBEDDED_WORKER=True, ALLOW_PRIVATE_GATEWAYS=True,
                    ALLOW_HTTP_GATEWAYS=True, RATE_LIMIT_ENABLED=False,
                    RETRY_INITIAL_SECONDS=0.2, RETRY_MAX_SECONDS=1, DELIVERY_LEASE_SECONDS=3,
+                   GATEWAY_PAUSE_INITIAL_SECONDS=0,  # no gateway pauses: see them tried
                    WORKER_POLL_SECONDS=0.2, GATEWAY_CONNECT_TIMEOUT=0.5,
                    GATEWAY_READ_TIMEOUT=2)  # a request always ends within its 3 s lease
     down_port = free_port()

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from servers import BIN, ROOT, Gunicorn, free_port, push_env, wait_until
+from servers import BIN, ROOT, Gunicorn, free_port, wait_until
 
 DEPLOY = os.path.join(ROOT, "deploy")
 UNITS = ("push-web.service", "push-worker.service")
@@ -171,8 +171,8 @@ def https(port, cert, method, path, body=None):
 
 
 @needs_nginx
-def test_nginx_in_front_of_gunicorn_serves_tls_and_answers_json_errors(tmp_path):
-    env = push_env(tmp_path / "instance", EMBEDDED_WORKER=False)
+def test_nginx_in_front_of_gunicorn_serves_tls_and_answers_json_errors(tmp_path, server_env):
+    env = server_env(tmp_path / "instance", EMBEDDED_WORKER=False)
     with Gunicorn(env, workers=1, log_dir=tmp_path) as server:
         http_port, https_port = free_port(), free_port()
         config, cert = nginx_config(tmp_path, server.port, http_port, https_port)

@@ -26,6 +26,7 @@ def warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
+@pytest.mark.sqlite_only  # the SQLite files
 def test_database_wal_and_lock_files_are_created_0600(make_app, common_umask, tmp_path):
     app = make_app()
     instance = tmp_path / "instance"
@@ -45,6 +46,7 @@ def test_a_private_instance_warns_about_nothing(make_app, common_umask, caplog):
     assert warnings(caplog) == []
 
 
+@pytest.mark.sqlite_only  # the SQLite files
 def test_readable_folder_database_and_server_key_are_warned_about(make_app, common_umask,
                                                                   tmp_path, caplog):
     make_app()
@@ -66,6 +68,7 @@ def test_readable_folder_database_and_server_key_are_warned_about(make_app, comm
     assert mode(instance) == 0o755 and mode(instance / "push.sqlite3") == 0o644
 
 
+@pytest.mark.sqlite_only  # the SQLite files
 def test_a_folder_we_did_not_make_keeps_its_mode(make_app, common_umask, tmp_path, caplog):
     instance = tmp_path / "instance"
     instance.mkdir(mode=0o711)  # others may pass through, not list

@@ -1,68 +1,102 @@
-"""The gateway HTTP client (gateway.GatewayClient): what it sends and how it fails."""
+"""The gateway HTTP client (gateway.GatewayClient): what it sends and how it fails.
 
-import socket
+The misbehaving gateways are raw sockets on 127.0.0.1 (support.SocketGateway); the client's
+read timeout is longer than the gap between two bytes of a trickling one, so only the deadline
+on the whole request (connect + read timeout) can end those.
+"""
+
 import threading
 
 import pytest
 import urllib3
+from support import (
+    SocketGateway,
+    never_answer,
+    stall_after_headers,
+    trickle_body,
+    trickle_headers,
+    trickle_tls_handshake,
+    untrusted_tls_gateway,
+)
 
-from gateway import USER_AGENT, GatewayClient
+from gateway import USER_AGENT, CertificateFailure, DeadlineExceeded, GatewayClient
 
 CONFIG = {"ALLOW_PRIVATE_GATEWAYS": True, "GATEWAY_CONNECT_TIMEOUT": 1.0,
           "GATEWAY_READ_TIMEOUT": 0.5, "GATEWAY_MAX_RESPONSE_BYTES": 65536}
 
 
-class StallingGateway:
-    """Answers every request with a status line and headers promising a body, sends one byte
-    of it and then says nothing more (until the test ends)."""
-
-    def __init__(self):
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.done = threading.Event()
-        self.connections = []
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while not self.done.is_set():
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            self.connections.append(connection)
-            connection.recv(65536)
-            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                               b"Content-Length: 100\r\n\r\n{")
-
-    def close(self):
-        self.done.set()
-        self.server.close()
-        for connection in self.connections:
-            connection.close()
+@pytest.fixture
+def client():
+    client = GatewayClient(CONFIG, pool_size=2)
+    yield client
+    client.close()
 
 
 @pytest.fixture
-def stalling():
-    gateway = StallingGateway()
+def misbehaving(request):
+    """A SocketGateway doing what the test's parameter says."""
+    gateway = SocketGateway(request.param)
     yield gateway
     gateway.close()
 
 
-def test_a_gateway_stalling_mid_answer_raises_the_read_timeout_and_frees_the_connection(
-        stalling):
-    client = GatewayClient(CONFIG, pool_size=2)
-    url = f"http://127.0.0.1:{stalling.port}/_matrix/push/v1/notify"
+@pytest.mark.parametrize("misbehaving", [trickle_body, trickle_headers], indirect=True,
+                         ids=["trickled-body", "trickled-headers"])
+def test_a_trickling_gateway_is_cut_off_at_the_deadline(client, misbehaving):
+    url = misbehaving.url()
+    with pytest.raises(DeadlineExceeded, match="1.5 s deadline"):
+        client.post(url, {"notification": {}})
+    # the connection is closed, not kept for the next request
+    with pytest.raises(DeadlineExceeded):
+        client.post(url, {"notification": {}})
+    assert misbehaving.accepted() == 2
+    assert client.pools.connection_from_url(url).pool.qsize() == 2  # both went back, closed
+
+
+@pytest.mark.parametrize("misbehaving, scheme", [
+    (stall_after_headers, "http"), (never_answer, "http"), (trickle_tls_handshake, "https"),
+], indirect=["misbehaving"], ids=["stalls-after-headers", "never-answers", "slow-tls-handshake"])
+def test_a_stalling_gateway_ends_within_the_deadline_and_its_connection_is_dropped(
+        client, misbehaving, scheme):
+    # A timeout of its own ends each of these before the deadline does (the read timeout, or
+    # for a TLS handshake, which Python bounds as a whole, the connect timeout).
+    url = misbehaving.url(scheme=scheme)
+    for _ in range(2):
+        with pytest.raises((urllib3.exceptions.ReadTimeoutError, DeadlineExceeded)):
+            client.post(url, {"notification": {}})
+    assert misbehaving.accepted() == 2
+    assert client.pools.connection_from_url(url).pool.qsize() == 2
+
+
+def test_a_deadline_cuts_off_only_its_own_request(client, gateway):
+    slow = SocketGateway(trickle_body)
+    errors = []
+
+    def post_slowly():
+        try:
+            client.post(slow.url(), {"notification": {}})
+        except Exception as e:
+            errors.append(e)
+
     try:
-        with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-            client.post(url, {"notification": {}})
-        pool = client.pools.connection_from_url(url)
-        assert pool.pool.qsize() == 2  # the connection went back to the pool...
-        # ...closed: the next request connects again instead of reading the rest of the last
-        with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-            client.post(url, {"notification": {}})
-        assert len(stalling.connections) == 2
+        thread = threading.Thread(target=post_slowly)
+        thread.start()
+        answers = [client.post(gateway.url(), {"notification": {"devices": []}})
+                   for _ in range(5)]
+        thread.join(30)
     finally:
-        client.close()
+        slow.close()
+    assert [type(e) for e in errors] == [DeadlineExceeded]
+    assert [(status, answer) for status, answer, _ in answers] == [(200, {"rejected": []})] * 5
+
+
+def test_an_untrusted_certificate_is_a_certificate_failure(client):
+    tls_gateway = untrusted_tls_gateway()
+    try:
+        with pytest.raises(CertificateFailure, match="certificate verify failed"):
+            client.post(tls_gateway.url(scheme="https"), {"notification": {}})
+    finally:
+        tls_gateway.close()
 
 
 def test_gateway_requests_carry_our_user_agent_and_json_content_type(gateway):

@@ -339,3 +339,21 @@ def test_racing_registrations_of_one_pusher_all_succeed(pg_app):
     for round_ in range(5):
         assert race(pg_app, [same_pusher(round_)] * 8) == [200] * 8
         assert race(pg_app, [same_key(round_, i) for i in range(8)]) == [200] * 8
+
+
+def test_leases_of_this_hosts_dead_processes_are_released(pg_app):
+    queue(pg_app, count_pushers=3, count_notifications=1)
+    host, me = delivery.this_host(), os.getpid()
+    born = delivery.process_start(me)
+    owners = [f"{host}:{me}:{born}:a1a1a1a1",  # alive: this very process
+              f"{host}:{me}:{int(born) + 1}:b2b2b2b2",  # our pid, another start: dead
+              f"other_host%:{me}:{int(born) + 1}:c3c3c3c3"]  # another host
+
+    def lease_and_release():
+        for row, owner in zip(Delivery.select().order_by(Delivery.id), owners):
+            (Delivery.update(lease_owner=owner, lease_until=time.time() + 600)
+             .where(Delivery.id == row.id).execute())
+        released = delivery.release_dead_leases()
+        return released, [d.lease_owner for d in Delivery.select().order_by(Delivery.id)]
+
+    assert in_db(pg_app, lease_and_release) == (1, [owners[0], None, owners[2]])

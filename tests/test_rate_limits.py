@@ -109,12 +109,14 @@ def test_rate_limits_off_turn_off_the_failure_limit_too(make_app, tmp_path):
     assert not os.path.exists(tmp_path / "instance" / "ratelimit.sqlite3")
 
 
+@pytest.mark.sqlite_only  # the counters file beside an SQLite database
 def test_the_counters_file_is_private(limited, tmp_path):
     failures(limited(), 1, "203.0.113.5")
     for name in ("ratelimit.sqlite3", "ratelimit.sqlite3-wal", "ratelimit.sqlite3.lock"):
         assert os.stat(tmp_path / "instance" / name).st_mode & 0o777 == 0o600, name
 
 
+@pytest.mark.sqlite_only  # the counters file beside an SQLite database
 def test_a_damaged_counters_file_is_started_afresh(limited, tmp_path, caplog):
     """Written without fsync, the file may not survive a power cut whole; its counts are worth
     nothing then, and must not fail every request."""
@@ -154,11 +156,12 @@ ACCESS_LINE = re.compile(r"^access pid=<(\d+)> status=(\d+) request=GET (\S+) ",
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, new_database):
     """Four workers with small limits, 127.0.0.1 as the trusted proxy, and an access log
     that names the process behind every answer."""
     folder = tmp_path_factory.mktemp("limits")
-    env = push_env(folder / "instance", EMBEDDED_WORKER=False, RATE_LIMIT_ENABLED=True,
+    env = push_env(folder / "instance", **new_database(), EMBEDDED_WORKER=False,
+                   RATE_LIMIT_ENABLED=True,
                    RATE_LIMIT_PER_MINUTE=10, AUTH_FAILURES_PER_MINUTE=6,
                    TRUSTED_PROXIES="127.0.0.1")
     args = ["--access-logfile", "-",

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from servers import HOST, Gunicorn, call, cli_token, push_env
+from servers import HOST, Gunicorn, call, cli_token
 
 SLOW_HEADERS = 3
 SLOW_BODIES = 3
@@ -55,8 +55,8 @@ class Trickle:
 
 
 @pytest.fixture
-def server(tmp_path):
-    env = push_env(tmp_path / "instance", RATE_LIMIT_ENABLED=False)
+def server(tmp_path, server_env):
+    env = server_env(tmp_path / "instance", RATE_LIMIT_ENABLED=False)
     token = cli_token(env, "users", "create", "alice")
     with Gunicorn(env, workers=2, log_dir=tmp_path) as server:
         yield server, token

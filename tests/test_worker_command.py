@@ -86,3 +86,21 @@ def test_gunicorn_workers_deliver_from_boot_without_waiting_for_a_request(make_a
         assert "Traceback" not in log
     finally:
         gateway.close()
+
+
+def test_sigterm_stops_a_worker_command_gracefully(make_app, server_env, tmp_path):
+    app = make_app()
+    env = server_env(app.instance_path, WORKER_POLL_SECONDS=0.1)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        wait_until(lambda: "delivery worker started" in (tmp_path / "worker.log").read_text(),
+                   30, "the worker to start")
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    log = (tmp_path / "worker.log").read_text()
+    assert code == 0, log
+    assert "delivery worker stopped" in log and "Traceback" not in log
