@@ -50,6 +50,15 @@ def post_worker_init(worker):
         delivery.serving(worker.wsgi)
 
 
+def worker_exit(server, worker):
+    """A worker process stopping gracefully lets its delivery worker finish what is under way
+    (each request ends within its deadline) and record it, so a restart does not send it
+    again. ``graceful_timeout`` must exceed the gateway timeouts for that."""
+    import delivery
+
+    delivery.stop_embedded()
+
+
 def on_starting(server):
     """Before the workers fork: the metrics folder they all share, cleared of dead processes."""
     import metrics

@@ -113,3 +113,35 @@ def test_deliveries_survive_a_killed_server_and_arrive_exactly_once(tmp_path, se
         stalled.close()
         for gateway in gateways:
             gateway.close()
+
+
+def test_a_graceful_stop_records_requests_under_way_and_sends_nothing_twice(tmp_path,
+                                                                             server_env):
+    # SIGTERM while a gateway takes its time to answer: the request finishes, its outcome is
+    # written, and the restarted server has nothing to send again.
+    env = server_env(tmp_path / "instance", EMBEDDED_WORKER=True, ALLOW_PRIVATE_GATEWAYS=True,
+                     ALLOW_HTTP_GATEWAYS=True, RATE_LIMIT_ENABLED=False,
+                     WORKER_POLL_SECONDS=0.1, GATEWAY_CONNECT_TIMEOUT=1,
+                     GATEWAY_READ_TIMEOUT=5)
+    gateway = Gateway()
+    gateway.delay = 2
+    try:
+        with Gunicorn(env, workers=1, log_dir=tmp_path, name="before") as server:
+            cli(env, "channels", "add", "C", "--default", "enabled")
+            service = cli_token(env, "services", "create", "erp")
+            alice = cli_token(env, "users", "create", "alice")
+            register(server.port, alice, "slow-phone", gateway.url())
+            status, answer = call(server.port, "POST", "/push/v1/notifications",
+                                  {"user_id": "alice", "channel": "C", "payload": {}}, service)
+            assert (status, answer["deliveries"]) == (202, 1)
+            sent = answer["notification_id"]
+            wait_until(lambda: gateway.active, 30, "the request to be under way")
+            server.stop()
+            log = server.log()
+        assert query(env, "SELECT state, attempts FROM delivery") == [("delivered", 1)]
+        with Gunicorn(env, workers=1, log_dir=tmp_path, name="after"):
+            time.sleep(2)
+        assert [n["event_id"] for n in gateway.notifications()] == [sent]
+        assert "Traceback" not in log
+    finally:
+        gateway.close()
