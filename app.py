@@ -32,7 +32,7 @@ import delivery
 import docs
 import metrics
 import migrations
-from gateway import log_safe
+from gateway import log_safe, tls_context
 from models import (
     Channel,
     ChannelState,
@@ -99,6 +99,10 @@ DEFAULTS = {
     "GATEWAY_CONNECT_TIMEOUT": 5.0,
     "GATEWAY_READ_TIMEOUT": 10.0,
     "GATEWAY_MAX_RESPONSE_BYTES": 65536,
+    "GATEWAY_MAX_BATCH_BYTES": 262144,  # upstream: a gateway must take at least 256 KiB
+    "GATEWAY_CLIENT_CERT": None,  # PEM file presented to every gateway (mutual TLS)
+    "GATEWAY_CLIENT_KEY": None,  # PEM file; None: the key is in GATEWAY_CLIENT_CERT
+    "GATEWAY_CA_BUNDLE": None,  # PEM file trusted for gateways beside the system CAs
     "GATEWAY_CONCURRENCY": 4,
     "GATEWAY_PAUSE_INITIAL_SECONDS": 5.0,
     "GATEWAY_PAUSE_MAX_SECONDS": 300.0,
@@ -131,6 +135,7 @@ def create_app(test_config=None, instance_path=None):
     app.url_map.merge_slashes = False
     unread = configure(app, test_config)
     setup_logging(app)
+    tls_context(app.config)  # a TLS file that cannot be used stops the start, not a send
     for name in unread:
         log.warning("%s, but no setting reads it", name)
 

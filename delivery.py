@@ -8,6 +8,11 @@ a new month is sealed with the new month's key), sends it, and records the outco
 - 429, 5xx, timeouts, refused connections, untrusted certificates: retried with exponential
   backoff.
 - any other answer: failed for good, with the reason kept.
+- except that some answers ask for the same deliveries again in other requests (``follow_ups``
+  in gateway.py): a batch refused for its size goes again in smaller batches, and a
+  notifyEncrypted/batch that a seed-era gateway lacks (404, 405) goes to its /notify. The
+  sending thread hands these requests back; they wait for a slot like any other, under the
+  original's leases and latest start, and their outcomes are recorded as they end.
 
 No one waits on strangers. The worker is a pipeline, not a series of rounds: its loop (``step``)
 writes the outcome of each request as soon as it ends (together with those that ended in the
@@ -43,6 +48,7 @@ import socket
 import threading
 import time
 import weakref
+from bisect import insort
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -56,8 +62,10 @@ import metrics
 from gateway import (
     BlockedAddress,
     GatewayClient,
+    GatewayMemory,
     Outcome,
     Unsendable,
+    follow_ups,
     group_into_jobs,
     outcomes_for,
     redact,
@@ -286,6 +294,7 @@ class Worker:
         self.client = GatewayClient(self.config, max(1, self.config["GATEWAY_CONCURRENCY"]))
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="push-send")
         self.throttle = Throttle(self.config)
+        self.memory = GatewayMemory()
         self.server_key = app.extensions["push_server_key"]
         lease = self.config["DELIVERY_LEASE_SECONDS"]
         request_time = (self.config["GATEWAY_CONNECT_TIMEOUT"]
@@ -296,7 +305,8 @@ class Worker:
         self.start_margin = request_time + max(0.0, lease - request_time) / 2
         self.waiting = {}  # gateway host -> deque of (job, latest start as unix time)
         self.in_flight = 0
-        self.finished = queue.SimpleQueue()  # (job, outcomes, failed) from sending threads
+        # (job, its latest start, outcomes, failed, jobs to send again) from sending threads
+        self.finished = queue.SimpleQueue()
         self.unrecorded = []  # outcomes collected but not written yet
         self.unrecorded_since = 0.0  # when the first of them was collected (monotonic)
         self.ready = threading.Event()  # set when a request ends or work is announced
@@ -406,8 +416,7 @@ class Worker:
                 outcomes.append(Outcome(d, "failed", "pusher removed before delivery"))
                 continue
             try:
-                url, endpoint, body = request_for(pusher, notifications[d.notification_id],
-                                                  generations)
+                request = request_for(pusher, notifications[d.notification_id], generations)
             except Unsendable as e:
                 outcomes.append(Outcome(d, "failed", str(e)))
                 continue
@@ -415,8 +424,8 @@ class Worker:
                 log.exception("could not build delivery %s", d.id)
                 outcomes.append(Outcome(d, "failed", f"could not build the request: {e!r}"[:300]))
                 continue
-            requests.append((d, url, endpoint, body))
-        return group_into_jobs(requests)
+            requests.append((d, request))
+        return group_into_jobs(requests, self.config["GATEWAY_MAX_BATCH_BYTES"], self.memory)
 
     def generations_for(self, key_ids, period):
         """{key id: (key_identifier, generation for ``period``)} for a claim's keys.
@@ -473,48 +482,54 @@ class Worker:
                 self.release([d for job, _ in jobs for d in job.deliveries], due=until)
                 jobs.clear()
             while jobs and self.in_flight < self.threads and self.throttle.may_start(host):
-                self.start(jobs.popleft()[0])
+                self.start(*jobs.popleft())
             if not jobs:
                 del self.waiting[host]
         self.release(late)
         return len(late)
 
-    def start(self, job):
+    def start(self, job, start_by):
         """Hand one request to a sending thread."""
         self.in_flight += 1
         self.throttle.started(job.host)
-        self.executor.submit(self.send_and_report, job)
+        self.executor.submit(self.send_and_report, job, start_by)
 
-    def send_and_report(self, job):
+    def send_and_report(self, job, start_by):
         """In a sending thread: send, then hand the outcomes to the stepping thread."""
         try:
-            outcomes, failed = self.send(job)
+            outcomes, failed, again = self.send(job)
         except Exception as e:  # a bug must not keep the slot or the leases forever
             log.exception("sending to %s failed unexpectedly", job.host)
-            outcomes, failed = [Outcome(d, "retry", f"internal error: {e!r}"[:300])
-                                for d in job.deliveries], False
-        self.finished.put((job, outcomes, failed))
+            outcomes, failed, again = [Outcome(d, "retry", f"internal error: {e!r}"[:300])
+                                       for d in job.deliveries], False, []
+        self.finished.put((job, start_by, outcomes, failed, again))
         self.ready.set()
 
     def send(self, job):
-        """Send one request; return (an Outcome for each delivery it carries, whether the
-        gateway failed transiently: no full answer in time, no connection, a certificate that
-        does not verify, 429 or 5xx)."""
+        """Send one request; return (an Outcome for each delivery it carries that is done
+        with, whether the gateway failed transiently: no full answer in time, no connection, a
+        certificate that does not verify, 429 or 5xx, and the requests that carry the other
+        deliveries again: smaller batches, or a seed-era gateway's /notify)."""
         try:
             with metrics.timed_gateway_request(job.host):
                 status, answer, retry_after = self.client.post(job.url, job.body())
         except BlockedAddress as e:
-            return [Outcome(d, "failed", str(e)) for d in job.deliveries], False
+            return [Outcome(d, "failed", str(e)) for d in job.deliveries], False, []
         except Exception as e:  # network trouble of any kind: try again later
             reason = f"{type(e).__name__}: {str(e)[:200]}"
             log.info("gateway %s unreachable (%s); %d deliveries retry", job.host, reason,
                      len(job.items))
-            return [Outcome(d, "retry", reason) for d in job.deliveries], True
-        if not (200 <= status < 300 or status == 429 or status >= 500):
-            log.warning("gateway %s refused %d deliveries with %s", job.host, len(job.items),
+            return [Outcome(d, "retry", reason) for d in job.deliveries], True, []
+        again = follow_ups(job, status, answer, self.memory)
+        rest = job.without({d.id for follow_up in again for d in follow_up.deliveries})
+        if again:
+            log.info("gateway %s answered %s; %d deliveries go again in %d requests", job.host,
+                     status, len(job.items) - len(rest.items), len(again))
+        if rest.items and not (200 <= status < 300 or status == 429 or status >= 500):
+            log.warning("gateway %s refused %d deliveries with %s", job.host, len(rest.items),
                         status)
         failed = status == 429 or status >= 500
-        return outcomes_for(job, status, answer, retry_after), failed
+        return outcomes_for(rest, status, answer, retry_after), failed, again
 
     # recording
 
@@ -523,11 +538,14 @@ class Worker:
         its gateway's health updated, its outcomes ready to be written."""
         while True:
             try:
-                job, outcomes, failed = self.finished.get_nowait()
+                job, start_by, outcomes, failed, again = self.finished.get_nowait()
             except queue.Empty:
                 break
             self.in_flight -= 1
             self.throttle.finished(job.host, failed)
+            for follow_up in again:  # under the same leases: started by the same time or not
+                insort(self.waiting.setdefault(follow_up.host, deque()), (follow_up, start_by),
+                       key=lambda waiting: waiting[1])
             until = self.throttle.paused_until(job.host)
             for outcome in outcomes:
                 if until and outcome.result == "retry":  # no sooner than the pause ends
@@ -652,13 +670,13 @@ class Worker:
     def wind_down(self):
         """Stop: hand back what has not started, and write the outcomes of the requests
         under way (each ends within its deadline)."""
-        waiting = [d for jobs in self.waiting.values() for job, _ in jobs for d in job.deliveries]
-        self.waiting.clear()
         try:
             db.connect(reuse_if_open=True)
-            self.release(waiting)
             while True:
-                self.collect()
+                self.collect()  # what ended, and the requests that carry some of it again
+                self.release([d for jobs in self.waiting.values() for job, _ in jobs
+                              for d in job.deliveries])
+                self.waiting.clear()
                 self.write_outcomes()
                 if not (self.in_flight or self.unrecorded):
                     return

@@ -1,11 +1,16 @@
 """What goes over the wire to a push gateway, and what its answer means (SPEC section 5).
 
 ``delivery.py`` decides *when* a delivery is sent and records what happened; this module knows
-*how*: the request body each gateway URL gets, the HTTP client that may call a URL a user chose
-(SSRF rules, and a deadline on each whole request), and the mapping of a gateway's answer to
-one ``Outcome`` per delivery. Its two log helpers keep logs safe: ``redact`` shortens pushkeys,
-``log_safe`` escapes what a user or a request chose. Everything here is a plain function or a
-small class that tests can call directly, without a worker.
+*how*: the request each gateway URL gets (``request_for``: a gematik batch item, a gematik or
+Matrix single notification, the sealed envelope where a Matrix gateway passes it on), batches
+cut by count and by bytes as sent (``group_into_jobs``), the HTTP client that may call a URL a
+user chose (SSRF rules, a deadline on each whole request, mutual TLS), and the mapping of a
+gateway's answer to one ``Outcome`` per delivery, or to requests that carry deliveries again:
+smaller batches for a gateway that refused a batch for its size, seed-era requests for a
+gateway without the batch endpoints (``follow_ups``; ``GatewayMemory`` keeps what was learned).
+Its two log helpers keep logs safe: ``redact`` shortens pushkeys, ``log_safe`` escapes what a
+user or a request chose. Everything here is a plain function or a small class that tests can
+call directly, without a worker.
 """
 
 import heapq
@@ -18,6 +23,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import urllib3
 from marshmallow import ValidationError
@@ -25,13 +31,23 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
+from urllib3.util.ssl_ import create_urllib3_context
 
 import crypto
 from schemas import check_gateway_url
 
+#: Items per batch request: the most upstream allows, and the least a gateway must take.
 BATCH_SIZE = 100
-BATCH_BASES = ("/push/v1/", "/push/v1")  # a gematik gateway base, written with or without "/"
+#: The error a gateway answers with status 400 to a batch too big for it (upstream-latest).
+BATCH_TOO_LARGE = "Batch size exceeds maximum limit"
+MATRIX_NOTIFY = "/_matrix/push/v1/notify"
+GEMATIK_NOTIFY = "/push/v1/notify"
 USER_AGENT = "push-service/1.0"
+
+#: How long a worker remembers what a gateway's answers taught it (``GatewayMemory``): an hour
+#: costs a gateway that stays as it was one request an hour per worker to find out again, and
+#: one upgraded or reconfigured in the meantime at most an hour of the old way.
+GATEWAY_MEMORY_SECONDS = 3600.0
 
 
 def redact(pushkey):
@@ -86,7 +102,8 @@ def outcomes_for(job, status, answer, retry_after=None):
         return [Outcome(d, "retry", reason, retry_after=retry_after) for d in deliveries]
     if not 200 <= status < 300:
         detail = json.dumps(answer)[:200] if answer else ""
-        reason = f"gateway answered {status}: {detail}"
+        alone = " (too large even alone)" if refused_as_too_large(status, answer) else ""
+        reason = f"gateway answered {status}{alone}: {detail}"
         return [Outcome(d, "failed", reason) for d in deliveries]
     answer = answer if isinstance(answer, dict) else {}
     if not job.batch:
@@ -121,6 +138,18 @@ class Unsendable(Exception):
     """This delivery cannot be sent as things stand: it fails for good, with this reason."""
 
 
+@dataclass
+class Request:
+    """How one delivery goes to its gateway: ``body``, a notification object, POSTed alone to
+    ``url`` or as an item of a batch to it. ``seed_era`` is the request to make instead when
+    the gateway turns out to speak the seed-era API, which has no batch endpoints."""
+
+    url: str
+    body: dict
+    batch: bool = False
+    seed_era: "Request" = None
+
+
 def device_of(pusher, data):
     """The ``device`` object a gateway gets: pusher data without the url."""
     return {"app_id": pusher.app_id, "pushkey": pusher.pushkey, "pushkey_ts": pusher.pushkey_ts,
@@ -128,7 +157,7 @@ def device_of(pusher, data):
 
 
 def request_for(pusher, notification, generations):
-    """(gateway URL, batch endpoint or None, notification body) for one delivery.
+    """The Request for one delivery: what its gateway URL gets (SPEC section 5).
 
     ``generations`` maps an encryption key id to (key_identifier, this month's generation).
     """
@@ -138,40 +167,93 @@ def request_for(pusher, notification, generations):
         check_gateway_url(url)
     except ValidationError as e:
         raise Unsendable(f"gateway URL not allowed: {e.messages}") from e
-    batch = url.endswith(BATCH_BASES)
-    if batch and not url.endswith("/"):
-        url += "/"  # the endpoint goes after a slash: <base>/notify/batch, never .../v1notify
     device = device_of(pusher, data)
-    body = {"prio": notification.prio}
+    common = {"prio": notification.prio}
     if notification.counts:
-        body["counts"] = json.loads(notification.counts)
-    if pusher.encryption_key_id is not None:
-        if pusher.encryption_key_id not in generations:
-            raise Unsendable("the stored key cannot be opened (was the server key changed?)")
-        key_identifier, generation = generations[pusher.encryption_key_id]
-        body = {"ciphertext": crypto.seal(generation.aes_key, notification.payload.encode()),
-                "time_message_encrypted": generation.period,
-                "key_identifier": key_identifier, "identifier": notification.id, **body}
-        endpoint = "notifyEncrypted/batch"
-    else:
-        body = {"event_id": notification.id, "type": notification.channel, **body}
-        if data.get("format") != "event_id_only":
-            body["content"] = json.loads(notification.payload)
-        endpoint = "notify/batch"
-    if batch and endpoint == "notifyEncrypted/batch":
-        body["device"] = device
-    else:
-        body["devices"] = [device]
-    return url, endpoint if batch else None, body
+        common["counts"] = json.loads(notification.counts)
+    if pusher.encryption_key_id is None:
+        return plain_request(url, notification, common, device, data.get("format"))
+    return sealed_request(url, envelope_for(pusher, notification, generations), common, device)
+
+
+def plain_request(url, notification, common, device, data_format):
+    """A plain notification: as it is to a single-notify URL, as a batch item to a base.
+
+    ``room_id`` is the channel: the gematik gateway builds an Apple push only for a
+    notification with both ``event_id`` and ``room_id``.
+    """
+    body = {"event_id": notification.id, "room_id": notification.channel,
+            "type": notification.channel, **common, "devices": [device]}
+    if data_format != "event_id_only":
+        body["content"] = json.loads(notification.payload)
+    if url_form(url) == "base":
+        return Request(endpoint(url, "notify/batch"), body, batch=True)
+    return Request(url, body)
+
+
+def sealed_request(url, envelope, common, device):
+    """An encrypted notification: a Matrix notification whose content is the envelope, or an
+    item of a gematik notifyEncrypted/batch (never ciphertext to a current gateway's /notify,
+    which takes plain notifications only)."""
+    form = url_form(url)
+    if form == "matrix":
+        # Content is the one part a stock Matrix gateway passes on. event_id (the notification
+        # id, as in the envelope) lets Sygnal's APNs and FCM paths send something at all, and
+        # the app fetch the history entry where the envelope did not fit.
+        body = {"event_id": envelope["identifier"], **common, "content": envelope,
+                "devices": [device]}
+        return Request(url, body)
+    request = Request(endpoint(url, "notifyEncrypted/batch"),
+                      {**envelope, **common, "device": device}, batch=True)
+    if form == "notify":
+        request.seed_era = Request(url, {**envelope, **common, "devices": [device]})
+    return request
+
+
+def envelope_for(pusher, notification, generations):
+    """The sealed envelope of an encrypted delivery: its payload sealed under this month's key,
+    and what the phone needs to open it."""
+    if pusher.encryption_key_id not in generations:
+        raise Unsendable("the stored key cannot be opened (was the server key changed?)")
+    key_identifier, generation = generations[pusher.encryption_key_id]
+    return {"ciphertext": crypto.seal(generation.aes_key, notification.payload.encode()),
+            "time_message_encrypted": generation.period,
+            "key_identifier": key_identifier, "identifier": notification.id}
+
+
+def url_form(url):
+    """How a gateway URL ends: ``matrix`` (/_matrix/push/v1/notify), ``notify`` (a gematik
+    /push/v1/notify) or ``base`` (a gematik /push/v1/ or /push/v1: the endpoint is ours to add)."""
+    path = urlsplit(url).path
+    if path.endswith(MATRIX_NOTIFY):
+        return "matrix"
+    return "notify" if path.endswith(GEMATIK_NOTIFY) else "base"
+
+
+def endpoint(url, name):
+    """The URL of gematik endpoint ``name`` of the gateway ``url`` belongs to (a base or its
+    /notify): the endpoint after .../push/v1/, the query kept."""
+    parts = urlsplit(url)
+    path = parts.path
+    if path.endswith(GEMATIK_NOTIFY):
+        path = path[:-len("notify")]
+    elif not path.endswith("/"):
+        path += "/"  # <base>/notify/batch, never .../v1notify/batch
+    return urlunsplit(parts._replace(path=path + name))
+
+
+def encode(body):
+    """A request body as it goes on the wire (the client sends this; batches are cut by it)."""
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 class Job:
     """One gateway request and the deliveries it carries."""
 
-    def __init__(self, url, batch=False):
+    def __init__(self, url, batch=False, items=()):
         self.url = url
         self.batch = batch
-        self.items = []  # (delivery, notification body)
+        self.items = list(items)  # (delivery, Request)
 
     @property
     def deliveries(self):
@@ -185,25 +267,131 @@ class Job:
     def body(self):
         """The JSON request body: a batch of items, or a single notification."""
         if self.batch:
-            return {"notifications": [{"id": str(d.id), "notification": n} for d, n in self.items]}
-        return {"notification": self.items[0][1]}
+            return {"notifications": [batch_item(d, r) for d, r in self.items]}
+        return {"notification": self.items[0][1].body}
+
+    def without(self, ids):
+        """This job without the deliveries whose ids are in ``ids``."""
+        return Job(self.url, self.batch, [(d, r) for d, r in self.items if d.id not in ids])
 
 
-def group_into_jobs(requests):
-    """Jobs for (delivery, url, batch endpoint or None, body) tuples: one request per
-    single-notify delivery, batches of at most BATCH_SIZE per batch endpoint."""
-    single, batches = [], {}
-    for d, url, endpoint, body in requests:
-        if endpoint is None:
-            job = Job(url)
-            job.items.append((d, body))
-            single.append(job)
+def batch_item(delivery, request):
+    """One item of a batch request: the delivery's id, for the per-item results."""
+    return {"id": str(delivery.id), "notification": request.body}
+
+
+#: Bytes of a batch body without items, less the comma that every item after the first adds.
+EMPTY_BATCH_BYTES = len(encode({"notifications": []})) - 1
+
+
+def group_into_jobs(requests, max_bytes, memory):
+    """Jobs for (delivery, Request) pairs: one for each single request; for each batch
+    endpoint, batches of at most BATCH_SIZE items (fewer where ``memory`` knows the gateway
+    took fewer) and at most ``max_bytes`` of body as sent (an item bigger than that alone goes
+    alone). A gateway ``memory`` knows to speak the seed-era API gets its seed-era requests."""
+    jobs, open_batches = [], {}  # batch endpoint -> (its newest job, that job's body size)
+    for d, request in requests:
+        request = memory.as_known(request)
+        if not request.batch:
+            jobs.append(Job(request.url, items=[(d, request)]))
             continue
-        group = batches.setdefault(url + endpoint, [])
-        if not group or len(group[-1].items) >= BATCH_SIZE:
-            group.append(Job(url + endpoint, batch=True))
-        group[-1].items.append((d, body))
-    return single + [job for group in batches.values() for job in group]
+        item = len(encode(batch_item(d, request))) + 1  # and the comma before it
+        job, size = open_batches.get(request.url, (None, 0))
+        if (job is None or len(job.items) >= memory.batch_limit(request.url)
+                or size + item > max_bytes):
+            job, size = Job(request.url, batch=True), EMPTY_BATCH_BYTES
+            jobs.append(job)
+        job.items.append((d, request))
+        open_batches[request.url] = (job, size + item)
+    return jobs
+
+
+# --- what a gateway's answer asks for ---------------------------------------------------------
+
+
+def refused_as_too_large(status, answer):
+    """Whether a gateway refused a request for its size: 413, or 400 with
+    ``"error": "Batch size exceeds maximum limit"`` (upstream-latest)."""
+    return status == 413 or (status == 400 and isinstance(answer, dict)
+                             and answer.get("error") == BATCH_TOO_LARGE)
+
+
+def smaller_batches(job, answer):
+    """The items of a batch refused for its size, in smaller batches: of the gateway's
+    ``details.max_batch_size`` when it names one below this batch's size, else of half."""
+    details = answer.get("details") if isinstance(answer, dict) else None
+    given = details.get("max_batch_size") if isinstance(details, dict) else None
+    count = len(job.items)
+    size = (given if isinstance(given, int) and not isinstance(given, bool) and 0 < given < count
+            else (count + 1) // 2)
+    return [Job(job.url, True, job.items[i:i + size]) for i in range(0, count, size)]
+
+
+def follow_ups(job, status, answer, memory):
+    """The jobs that carry some of ``job``'s deliveries again after this answer (the others
+    get their outcomes), and what ``memory`` learns of the gateway from it.
+
+    A batch refused for its size goes again in smaller batches; a single delivery refused so
+    fails (``outcomes_for``). A notifyEncrypted/batch that the gateway does not have (404,
+    405: a gateway of the seed-era API) goes again as seed-era requests to /notify, for the
+    items that came from such a URL.
+    """
+    if not job.batch:
+        return []
+    if refused_as_too_large(status, answer) and len(job.items) > 1:
+        again = smaller_batches(job, answer)
+        memory.learn_batch_limit(job.url, len(again[0].items))
+        return again
+    if status in (404, 405):
+        again = [Job(r.seed_era.url, items=[(d, r.seed_era)]) for d, r in job.items if r.seed_era]
+        if again:
+            memory.learn_seed_era(job.url)
+        return again
+    return []
+
+
+class GatewayMemory:
+    """What a worker has learned of gateways from their answers: which batch endpoints a
+    gateway of the seed-era API lacks, and how many items a batch endpoint that refused a
+    batch for its size was sent next. Each fact is kept GATEWAY_MEMORY_SECONDS, then tried
+    afresh (a gateway may be upgraded or reconfigured). Taught by the sending threads, read
+    by the one that builds requests."""
+
+    def __init__(self, seconds=GATEWAY_MEMORY_SECONDS):
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.facts = {}  # (what, batch endpoint URL) -> (value, until as monotonic time)
+
+    def learn(self, what, url, value):
+        """Remember ``value`` for a while; forget what has lapsed."""
+        current = time.monotonic()
+        with self.lock:
+            self.facts = {k: v for k, v in self.facts.items() if v[1] > current}
+            self.facts[(what, url)] = (value, current + self.seconds)
+
+    def recall(self, what, url, default):
+        """What was learned and has not lapsed, or ``default``."""
+        with self.lock:
+            value, until = self.facts.get((what, url), (default, 0.0))
+        return value if until > time.monotonic() else default
+
+    def learn_seed_era(self, url):
+        """The gateway of batch endpoint ``url`` does not have it (a seed-era gateway)."""
+        self.learn("seed-era", url, True)
+
+    def learn_batch_limit(self, url, items):
+        """Batch endpoint ``url`` is sent at most ``items`` items at once from now on."""
+        self.learn("batch limit", url, min(items, self.batch_limit(url)))
+
+    def batch_limit(self, url):
+        """The most items a batch to ``url`` may carry."""
+        return self.recall("batch limit", url, BATCH_SIZE)
+
+    def as_known(self, request):
+        """``request``, or its seed-era form for a gateway known to be of the seed era."""
+        if request.seed_era is not None and self.recall("seed-era", request.url, False):
+            return request.seed_era
+        return request
 
 
 # --- the HTTP client --------------------------------------------------------------------------
@@ -391,6 +579,61 @@ def certificate_error(error):
     return None
 
 
+def tls_context(config):
+    """The TLS context of gateway requests: the system CAs and ``PUSH_GATEWAY_CA_BUNDLE``
+    trusted, the client certificate of ``PUSH_GATEWAY_CLIENT_CERT`` (its key in
+    ``PUSH_GATEWAY_CLIENT_KEY`` or in the same file) presented: mutual TLS.
+
+    Raises RuntimeError naming the setting when a file is missing, cannot be read, holds no
+    usable PEM, or the key does not belong to the certificate (``create_app`` builds one at
+    start for that: such a mistake stops the start, not the first send).
+    """
+    context = create_urllib3_context()
+    context.load_default_certs()  # urllib3 does so only for contexts it makes itself
+    bundle, cert, key = (readable_file(config, name) for name in (
+        "GATEWAY_CA_BUNDLE", "GATEWAY_CLIENT_CERT", "GATEWAY_CLIENT_KEY"))
+    if bundle:
+        try:
+            context.load_verify_locations(cafile=bundle)
+        except ssl.SSLError as e:
+            raise RuntimeError(f"PUSH_GATEWAY_CA_BUNDLE: no PEM certificates in {bundle}"
+                               f" ({e.reason or e})") from e
+    if key and not cert:
+        raise RuntimeError("PUSH_GATEWAY_CLIENT_KEY is set without PUSH_GATEWAY_CLIENT_CERT")
+    if cert:
+        try:
+            context.load_cert_chain(cert, key, password=refuse_password)
+        except ssl.SSLError as e:
+            if e.reason == "KEY_VALUES_MISMATCH":
+                raise RuntimeError("PUSH_GATEWAY_CLIENT_KEY: the key does not belong to the"
+                                   " certificate in PUSH_GATEWAY_CLIENT_CERT") from e
+            raise RuntimeError("PUSH_GATEWAY_CLIENT_CERT / PUSH_GATEWAY_CLIENT_KEY: not a PEM"
+                               " certificate and its key (the key goes in PUSH_GATEWAY_CLIENT_KEY"
+                               f" or after the certificate in one file): {e}") from e
+    return context
+
+
+def readable_file(config, name):
+    """The path the file setting ``name`` holds, once it is known to be readable; None when
+    it is not set."""
+    path = config[name]
+    if not path:
+        return None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise RuntimeError(f"PUSH_{name}: cannot read {path}: {e.strerror}") from e
+    return path
+
+
+def refuse_password():
+    """An encrypted client key is refused rather than its password asked for on a terminal
+    that a server does not have."""
+    raise RuntimeError("PUSH_GATEWAY_CLIENT_KEY: the key is encrypted; give it unencrypted"
+                       " (in a file only the server's user can read)")
+
+
 class GatewayClient:
     """POSTs JSON to gateways: pooled connections, no redirects, capped responses, and a
     deadline on the whole exchange.
@@ -400,7 +643,9 @@ class GatewayClient:
     deadline of connect + read timeout, kept by a watchdog thread that shuts the request's
     socket down when it passes (whether it is connecting, in a TLS handshake, sending, or
     reading headers or body). Name resolution is left to the system resolver and its own
-    timeouts; the deadline covers everything from the first connection attempt on.
+    timeouts; the deadline covers everything from the first connection attempt on. TLS
+    trusts the system CAs and the operator's bundle, and presents the operator's client
+    certificate, if any (``tls_context``).
     """
 
     HEADERS = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
@@ -413,7 +658,8 @@ class GatewayClient:
         self.max_response = config["GATEWAY_MAX_RESPONSE_BYTES"]
         self.watchdog = Watchdog()
         self.current = threading.local()  # the deadline of this thread's request
-        self.pools = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False)
+        self.pools = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False,
+                                         ssl_context=tls_context(config))
         http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {
             "ConnectionCls": guarded(HTTPConnection, allow_private, self.watch)})
         https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,), {
@@ -436,7 +682,7 @@ class GatewayClient:
         try:
             # headers= replaces the pool's headers for this request, so every header goes here.
             response = self.pools.request(
-                "POST", url, body=json.dumps(body, separators=(",", ":")).encode(),
+                "POST", url, body=encode(body),
                 headers=self.HEADERS, redirect=False, retries=False, timeout=self.timeout,
                 preload_content=False)
             data = response.read(self.max_response + 1)

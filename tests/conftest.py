@@ -201,10 +201,25 @@ def register(api):
 
 
 @pytest.fixture
-def gateway():
-    gw = Gateway()
-    yield gw
-    gw.close()
+def make_gateway():
+    """A factory: loopback push gateways (support.Gateway, with its arguments), closed after
+    the test, which fails if any body one of them got did not fit its API."""
+    gateways = []
+
+    def make(**kwargs):
+        gateways.append(Gateway(**kwargs))
+        return gateways[-1]
+
+    yield make
+    for gw in gateways:
+        gw.close()
+    assert [gw.invalid for gw in gateways if gw.invalid] == []
+
+
+@pytest.fixture
+def gateway(make_gateway):
+    """A loopback push gateway (support.Gateway), checking every body against its API."""
+    return make_gateway()
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------

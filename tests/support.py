@@ -3,10 +3,15 @@
 - ``Api``: the client and sender API through a Flask test client, with its paths in one place
   (``PATH_SETS``: the client API under /push/v1 and under the seed-era paths);
 - ``assert_error``: the one check of an error answer (SPEC section 3);
-- ``Gateway``: a real HTTP push gateway on 127.0.0.1, answering by magic pushkeys as Sygnal's
-  tests do: ``reject...`` comes back in ``rejected``; ``fail-N...`` gets 503 for its first N
-  requests, then 200; ``bad...`` gets 400 (a permanent failure); anything else 200; it can
-  take ``delay`` seconds over each answer and counts the requests it holds at once;
+- ``Gateway``: a real HTTP (or, given a TLS context, HTTPS) push gateway on 127.0.0.1,
+  answering by magic pushkeys as Sygnal's tests do: ``reject...`` comes back in ``rejected``;
+  ``fail-N...`` gets 503 for its first N requests, then 200; ``bad...`` gets 400 (a permanent
+  failure); anything else 200; it can take ``delay`` seconds over each answer and counts the
+  requests it holds at once. It speaks each API by the path: a stock Matrix gateway at
+  /_matrix/push/v1/notify, a gematik gateway elsewhere (upstream-latest, or ``seed_era``), and
+  checks every body it gets (``schema_errors``, ``matrix_errors``);
+- the gateway APIs from their YAML (``schema_errors``, against copies of the upstream files in
+  tests/spec/) and the Matrix notification as Sygnal reads it (``matrix_errors``);
 - ``SocketGateway``: a misbehaving gateway on a raw socket (``trickle_body``,
   ``trickle_headers``, ``stall_after_headers``, ``never_answer``, ``trickle_tls_handshake``),
   and ``untrusted_tls_gateway``, whose certificate comes from a CA nobody trusts;
@@ -16,6 +21,7 @@
 """
 
 import base64
+import functools
 import json
 import os
 import socket
@@ -28,11 +34,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
 import trustme
+import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from jsonschema import Draft202012Validator
 from peewee import SqliteDatabase
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 import delivery
 from models import MODELS, db
@@ -251,8 +261,17 @@ def phone_key(iss_hex, initial_period, period):
     return key
 
 
+def envelope(notification):
+    """The sealed envelope a notification carries, or None for a plain one: its own fields in
+    the gematik forms, its ``content`` in the Matrix form."""
+    for part in (notification, notification.get("content")):
+        if isinstance(part, dict) and "ciphertext" in part:
+            return part
+    return None
+
+
 def phone_decrypt(iss_hex, initial_period, notification):
-    """What the app does with an encrypted notification: returns the payload object."""
+    """What the app does with a sealed envelope (``envelope``): returns the payload object."""
     assert len(notification["ciphertext"]) == 1404
     raw = base64.b64decode(notification["ciphertext"])
     key = phone_key(iss_hex, initial_period, notification["time_message_encrypted"])
@@ -270,18 +289,120 @@ def this_month(offset=0):
     return f"{index // 12:04d}-{index % 12 + 1:02d}"
 
 
+# --- the gateway APIs -------------------------------------------------------------------------
+
+SPEC_DIR = os.path.join(os.path.dirname(__file__), "spec")
+#: Copies of ../shared/spec/<era>/push_gateway_openapi.yaml, kept in the repo so the tests do
+#: not depend on what sits beside the checkout; test_gateway_forms checks they are current.
+GATEWAY_YAML = {"latest": os.path.join(SPEC_DIR, "upstream-latest", "push_gateway_openapi.yaml"),
+                "seed": os.path.join(SPEC_DIR, "upstream", "push_gateway_openapi.yaml")}
+GEMATIK_ENDPOINTS = ("/notifyEncrypted/batch", "/notify/batch", "/notify")
+
+
+@functools.cache
+def gateway_validator(era, pointer):
+    """A validator for the schema at JSON pointer ``pointer`` of the ``era`` gateway YAML; its
+    $refs resolve in the file itself (OpenAPI 3.1 schemas are JSON Schema 2020-12)."""
+    with open(GATEWAY_YAML[era]) as f:
+        document = yaml.safe_load(f)
+    uri = f"urn:push-gateway-api:{era}"
+    registry = Registry().with_resource(uri, Resource.from_contents(
+        document, default_specification=DRAFT202012))
+    return Draft202012Validator({"$ref": f"{uri}#{pointer}"}, registry=registry)
+
+
+def request_schema(path):
+    """The JSON pointer of the request body schema of the gematik endpoint ``path`` ends in."""
+    endpoint = next(e for e in GEMATIK_ENDPOINTS if path.endswith(e))
+    return f"/paths/{endpoint.replace('/', '~1')}/post/requestBody/content/application~1json/schema"
+
+
+def schema_errors(era, pointer, body):
+    """Why ``body`` does not fit the schema at ``pointer`` of the ``era`` YAML ([] if it does)."""
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(body)'}: {e.message}"
+            for e in gateway_validator(era, pointer).iter_errors(body)]
+
+
+def gematik_errors(path, body, seed_era=False):
+    """Why a body POSTed to gematik endpoint ``path`` does not fit its API's YAML.
+
+    The seed's /notify takes oneOf an encrypted and a plain notification, but neither schema
+    forbids the other's fields, so every body fits both and oneOf refuses them all: a seed-era
+    body is checked against the one it says it is (by its ciphertext), as such a gateway tells
+    them apart.
+    """
+    if not seed_era:
+        return schema_errors("latest", request_schema(path), body)
+    note = body.get("notification") if isinstance(body, dict) else None
+    kind = "Encrypted" if isinstance(note, dict) and "ciphertext" in note else "Plain"
+    return schema_errors("seed", f"/components/schemas/{kind}Notification", body)
+
+
+#: The fields of a Matrix push notification (Matrix push gateway API): all a stock Matrix
+#: gateway knows, and so all it can pass on.
+MATRIX_FIELDS = ("event_id", "room_id", "type", "sender", "content", "counts", "prio", "devices")
+
+
+def matrix_errors(body):
+    """Why ``body`` is not a Matrix push notification request as Sygnal reads one: an object
+    in ``notification`` with a non-empty list of devices (each with string ``app_id`` and
+    ``pushkey``, integer ``pushkey_ts``, object ``data`` and ``tweaks``), integer counts, and
+    the types the Matrix push gateway API gives the other fields."""
+    note = body.get("notification") if isinstance(body, dict) else None
+    if not isinstance(note, dict):
+        return ["expecting object in 'notification' key"]
+    errors = []
+    devices = note.get("devices")
+    if not isinstance(devices, list) or not devices:
+        errors.append("devices: expecting a non-empty list")
+    for device in devices if isinstance(devices, list) else []:
+        errors += [f"device: {key} is not {kind.__name__}" for key, kind, required in (
+            ("app_id", str, True), ("pushkey", str, True), ("pushkey_ts", int, False),
+            ("data", dict, False), ("tweaks", dict, False))
+            if (required or key in device) and not isinstance(device.get(key), kind)]
+    counts = note.get("counts", {})
+    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
+        errors.append("counts: expecting an object of integers")
+    errors += [f"{key} is not a string" for key in ("event_id", "room_id", "type", "sender")
+               if key in note and not isinstance(note[key], str)]
+    if "content" in note and not isinstance(note["content"], dict):
+        errors.append("content is not an object")
+    if note.get("prio", "high") not in ("high", "low"):
+        errors.append("prio is neither high nor low")
+    return errors
+
+
 # --- a push gateway ---------------------------------------------------------------------------
 
 
 class Gateway:
-    """A push gateway on 127.0.0.1 in a thread, recording every request it gets."""
+    """A push gateway on 127.0.0.1 in a thread, recording every request it gets.
 
-    def __init__(self, port=0):
+    It speaks each API by the path. At /_matrix/push/v1/notify it is a stock Matrix gateway:
+    it reads the body as Sygnal does and passes on only the Matrix fields (``forwarded``: what
+    reaches the phone). Elsewhere it is a gematik gateway of upstream-latest, checking every
+    body against that YAML, or with ``seed_era`` one of the seed era: no batch endpoints
+    (404, or ``missing_status``), /notify bodies checked against the seed's YAML. A body that does not fit gets 400
+    "Invalid data format" and its reasons are kept in ``invalid`` (the ``gateway`` fixture
+    fails a test that leaves any). Bodies over ``max_bytes`` get 413; batches of more than
+    ``max_items`` get 400 "Batch size exceeds maximum limit", naming ``max_batch_size`` when
+    ``tell_max_items``. With ``tls`` (a server-side ssl.SSLContext) it serves https.
+    """
+
+    def __init__(self, port=0, tls=None, seed_era=False, missing_status=404):
         self.requests = []  # (path, body)
-        self.headers = []  # the headers of each request, in the same order
+        self.sizes = []  # the body size of each request as received, in the same order
+        self.headers = []  # the headers of each request, in order of arrival
+        self.forwarded = []  # what a Matrix gateway passes on of each notification
+        self.invalid = []  # (path, reasons) of bodies that did not fit the API
         self.lock = threading.Lock()
         self.failures = {}
         self.status_override = None
+        self.seed_era = seed_era
+        self.missing_status = missing_status  # a seed-era gateway's answer on batch endpoints
+        self.max_bytes = None
+        self.max_items = None
+        self.tell_max_items = False
         self.delay = 0.0  # seconds to hold each request before answering
         self.active = 0  # requests held right now
         self.most_active = 0  # the most ever held at once
@@ -294,15 +415,14 @@ class Gateway:
                 pass
 
             def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length))
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with gateway.lock:
                     gateway.headers.append(dict(self.headers))
                     gateway.active += 1
                     gateway.most_active = max(gateway.most_active, gateway.active)
                 try:
                     time.sleep(gateway.delay)
-                    status, answer = gateway.answer(self.path, body)
+                    status, answer = gateway.answer(self.path, json.loads(raw), len(raw))
                 finally:
                     with gateway.lock:
                         gateway.active -= 1
@@ -315,12 +435,16 @@ class Gateway:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:  # the handshake happens in accept(): one that fails is dropped
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path="/_matrix/push/v1/notify"):
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def verdict(self, pushkey):
         """What this gateway says of one pushkey: 'ok', 'reject', 'retry' or 'bad'."""
@@ -335,35 +459,71 @@ class Gateway:
                 return "retry"
         return "ok"
 
-    def answer(self, path, body):
+    def refusal(self, path, body, size):
+        """(status, answer) of a gateway that will not take this request, or None."""
+        if self.seed_era and path.endswith("/batch"):
+            return self.missing_status, {"error": "Not found"}
+        if self.max_bytes is not None and size > self.max_bytes:
+            return 413, {"error": "Batch request payload is too large."}
+        matrix = path.endswith("/_matrix/push/v1/notify")
+        errors = matrix_errors(body) if matrix else gematik_errors(path, body, self.seed_era)
+        if errors:
+            self.invalid.append((path, errors))
+            return 400, {"error": "Invalid data format"}
+        items = body.get("notifications")
+        if self.max_items is not None and isinstance(items, list) and len(items) > self.max_items:
+            answer = {"error": "Batch size exceeds maximum limit"}
+            if self.tell_max_items:
+                answer["details"] = {"max_batch_size": self.max_items}
+            return 400, answer
+        return None
+
+    def answer(self, path, body, size=0):
         with self.lock:
             self.requests.append((path, body))
+            self.sizes.append(size)
             if self.status_override is not None:
                 return self.status_override, {"error": "forced"}
-            if path.endswith("/batch"):
-                results = []
-                for item in body["notifications"]:
-                    n = item["notification"]
-                    devices = [n["device"]] if "device" in n else n["devices"]
-                    verdicts = [self.verdict(d["pushkey"]) for d in devices]
-                    rejected = [d["pushkey"] for d, v in zip(devices, verdicts) if v == "reject"]
-                    status = ("failed" if "bad" in verdicts or "retry" in verdicts
-                              else "partial" if rejected else "success")
-                    result = {"id": item["id"], "status": status, "rejected": rejected}
-                    if status == "failed":
-                        result["error"] = "retry" if "retry" in verdicts else "bad pushkey"
-                    results.append(result)
-                if any(r["status"] == "failed" and r["error"] == "retry" for r in results):
-                    return 503, {"error": "try later"}
-                return 200, {"results": results, "summary": {"total": len(results)}}
-            devices = body["notification"]["devices"]
+            path = path.split("?")[0]
+            refusal = self.refusal(path, body, size)
+            if refusal is not None:
+                return refusal
+            return self.batch_answer(body) if path.endswith("/batch") else self.single_answer(
+                path, body["notification"])
+
+    def batch_answer(self, body):
+        """A batch endpoint's answer: a result per item, by the magic pushkeys."""
+        results = []
+        for item in body["notifications"]:
+            n = item["notification"]
+            devices = [n["device"]] if "device" in n else n["devices"]
             verdicts = [self.verdict(d["pushkey"]) for d in devices]
-            if "retry" in verdicts:
-                return 503, {"error": "try later"}
-            if "bad" in verdicts:
-                return 400, {"error": "bad pushkey"}
-            return 200, {"rejected": [d["pushkey"] for d, v in zip(devices, verdicts)
-                                      if v == "reject"]}
+            rejected = [d["pushkey"] for d, v in zip(devices, verdicts) if v == "reject"]
+            status = ("failed" if "bad" in verdicts or "retry" in verdicts
+                      else "partial" if rejected else "success")
+            result = {"id": item["id"], "status": status, "rejected": rejected}
+            if status == "failed":
+                result["error"] = "retry" if "retry" in verdicts else "bad pushkey"
+            results.append(result)
+        if any(r["status"] == "failed" and r["error"] == "retry" for r in results):
+            return 503, {"error": "try later"}
+        summary = {"total": len(results), **{key: sum(r["status"] == status for r in results)
+                   for key, status in (("successful", "success"), ("failed", "failed"),
+                                       ("partial", "partial"))}}
+        return 200, {"results": results, "summary": summary}
+
+    def single_answer(self, path, note):
+        """A single notification's answer, by the magic pushkeys; a Matrix gateway passes on
+        the Matrix fields of one it takes."""
+        verdicts = [self.verdict(d["pushkey"]) for d in note["devices"]]
+        if "retry" in verdicts:
+            return 503, {"error": "try later"}
+        if "bad" in verdicts:
+            return 400, {"error": "bad pushkey"}
+        if path.endswith("/_matrix/push/v1/notify"):
+            self.forwarded.append({k: note[k] for k in MATRIX_FIELDS if k in note})
+        return 200, {"rejected": [d["pushkey"] for d, v in zip(note["devices"], verdicts)
+                                  if v == "reject"]}
 
     def notifications(self):
         """Every notification object received, flattened out of batches."""

@@ -3,7 +3,7 @@ to PostgreSQL, which then serves the same users, tokens, devices, keys and pendi
 
 import pytest
 import psycopg2
-from support import ISS, Api, drain, encryption, phone_decrypt, this_month
+from support import ISS, Api, drain, encryption, envelope, phone_decrypt, this_month
 
 import delivery
 from models import MODELS, db
@@ -81,7 +81,7 @@ def test_a_sqlite_installation_moves_to_postgresql_and_serves_from_there(
                 for n in gateway.notifications()}
     assert received == {(pending_id, "plain"), (pending_id, "sealed"), (third, "plain"),
                         (third, "sealed")}
-    sealed = [n for n in gateway.notifications() if "ciphertext" in n]
+    sealed = [envelope(n) for n in gateway.notifications() if envelope(n)]
     assert {phone_decrypt(ISS, this_month(-1), n)["n"] for n in sealed} == {2, 3}
     history = target.test_client().get("/push/v1/history/device/plain", headers=alice)
     assert [m["identifier"] for m in history.get_json()["messages"]] == [

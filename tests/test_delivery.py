@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-from support import (ISS, Api, drain, encryption, fetch, phone_decrypt, phone_key, stored_bytes,
-                     this_month)
+from support import (ISS, Api, drain, encryption, envelope, fetch, phone_decrypt, phone_key,
+                     stored_bytes, this_month)
 
 import delivery
 from gateway import address_allowed
@@ -70,13 +70,16 @@ def test_encrypted_notification_decrypts_on_the_phone_after_ratcheting(
 
     drain(app, worker)
 
-    [note] = gateway.notifications()
-    assert note["time_message_encrypted"] == this_month()
-    assert note["key_identifier"] == "kid-1"
-    assert note["identifier"] == created["notification_id"]
+    [note] = gateway.notifications()  # a Matrix gateway: the envelope is the content
+    assert set(note) == {"event_id", "prio", "counts", "content", "devices"}
+    assert note["event_id"] == created["notification_id"]
     assert note["prio"] == "low" and note["counts"] == {"unread": 3}
-    assert "content" not in note and "event_id" not in note
-    assert phone_decrypt(ISS, initial, note) == {"task": "42", "text": "Grüße"}
+    sealed = note["content"]
+    assert set(sealed) == {"ciphertext", "time_message_encrypted", "key_identifier", "identifier"}
+    assert sealed["time_message_encrypted"] == this_month()
+    assert sealed["key_identifier"] == "kid-1"
+    assert sealed["identifier"] == created["notification_id"]
+    assert phone_decrypt(ISS, initial, sealed) == {"task": "42", "text": "Grüße"}
     [device] = note["devices"]
     assert device["pushkey"] == "phone-1" and device["app_id"] == "com.example.app"
     assert device["data"] == {} and device["tweaks"] == {}
@@ -107,7 +110,7 @@ def test_each_message_gets_a_fresh_nonce(app, api, setup, service, register, gat
     api.send(service)
     api.send(service)
     drain(app, worker)
-    first, second = gateway.notifications()
+    first, second = map(envelope, gateway.notifications())
     assert first["ciphertext"][:16] != second["ciphertext"][:16]
     assert phone_decrypt(ISS, "2024-11", first) == phone_decrypt(ISS, "2024-11", second)
 
@@ -118,9 +121,9 @@ def test_generation_ahead_of_the_clock_is_used_as_is(app, api, setup, service, r
     register(setup, "phone-1", url=gateway.url(), encryption=encryption("kid-1", ISS, ahead))
     api.send(service)
     drain(app, worker)
-    [note] = gateway.notifications()
-    assert note["time_message_encrypted"] == ahead
-    assert phone_decrypt(ISS, ahead, note) == {"task": "42"}
+    [sealed] = map(envelope, gateway.notifications())
+    assert sealed["time_message_encrypted"] == ahead
+    assert phone_decrypt(ISS, ahead, sealed) == {"task": "42"}
 
 
 def test_plain_notification_carries_content_and_device_data_without_url(api,
@@ -450,8 +453,9 @@ def test_one_notification_fans_out_to_1000_devices_each_with_its_own_key(
     for note in notes:
         pushkey = note["devices"][0]["pushkey"]
         seen.add(pushkey)
-        assert note["key_identifier"] == "kid-" + pushkey.split("-")[1]
-        assert phone_decrypt(secrets_by_key[pushkey], this_month(-1), note) == {"fan": "out"}
+        sealed = envelope(note)
+        assert sealed["key_identifier"] == "kid-" + pushkey.split("-")[1]
+        assert phone_decrypt(secrets_by_key[pushkey], this_month(-1), sealed) == {"fan": "out"}
     assert len(seen) == 1000
 
 

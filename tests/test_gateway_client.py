@@ -22,7 +22,10 @@ from support import (
 from gateway import USER_AGENT, CertificateFailure, DeadlineExceeded, GatewayClient
 
 CONFIG = {"ALLOW_PRIVATE_GATEWAYS": True, "GATEWAY_CONNECT_TIMEOUT": 1.0,
-          "GATEWAY_READ_TIMEOUT": 0.5, "GATEWAY_MAX_RESPONSE_BYTES": 65536}
+          "GATEWAY_READ_TIMEOUT": 0.5, "GATEWAY_MAX_RESPONSE_BYTES": 65536,
+          "GATEWAY_CA_BUNDLE": None, "GATEWAY_CLIENT_CERT": None, "GATEWAY_CLIENT_KEY": None}
+#: A Matrix notification the loopback Gateway takes.
+NOTIFICATION = {"notification": {"devices": [{"app_id": "com.example.app", "pushkey": "pk"}]}}
 
 
 @pytest.fixture
@@ -81,8 +84,7 @@ def test_a_deadline_cuts_off_only_its_own_request(client, gateway):
     try:
         thread = threading.Thread(target=post_slowly)
         thread.start()
-        answers = [client.post(gateway.url(), {"notification": {"devices": []}})
-                   for _ in range(5)]
+        answers = [client.post(gateway.url(), NOTIFICATION) for _ in range(5)]
         thread.join(30)
     finally:
         slow.close()
@@ -102,7 +104,7 @@ def test_an_untrusted_certificate_is_a_certificate_failure(client):
 def test_gateway_requests_carry_our_user_agent_and_json_content_type(gateway):
     client = GatewayClient(CONFIG, pool_size=1)
     try:
-        status, answer, _ = client.post(gateway.url(), {"notification": {"devices": []}})
+        status, answer, _ = client.post(gateway.url(), NOTIFICATION)
     finally:
         client.close()
     assert (status, answer) == (200, {"rejected": []})

@@ -8,7 +8,7 @@ import uuid
 
 import first_release as first
 import pytest
-from support import ISS, Api, Gateway, bearer, drain, phone_decrypt, this_month
+from support import ISS, Api, Gateway, bearer, drain, envelope, phone_decrypt, this_month
 from servers import cli, push_env
 
 import crypto
@@ -124,10 +124,11 @@ def serve_after_upgrade(app, gateway):
     api.register(alice, "plain-2", url=gateway.url())
     drain(app, delivery.Worker(app))
 
-    plain = sorted(json.dumps(n["content"]) for n in gateway.notifications() if "content" in n)
+    plain = sorted(json.dumps(n["content"]) for n in gateway.notifications()
+                   if not envelope(n) and "content" in n)
     assert plain == ['{"news": 1}', '{"task": "new"}', '{"task": "old"}']
-    sealed = sorted(json.dumps(phone_decrypt(ISS, this_month(-3), n))
-                    for n in gateway.notifications() if "ciphertext" in n)
+    sealed = sorted(json.dumps(phone_decrypt(ISS, this_month(-3), envelope(n)))
+                    for n in gateway.notifications() if envelope(n))
     assert sealed == ['{"task": "new"}', '{"task": "old"}']
     with app.app_context(), db.connection_context():
         assert [(e.user, e.action, e.pushkey_prefix) for e in AuditEvent.select()] == [

@@ -8,7 +8,7 @@ import threading
 import uuid
 
 import pytest
-from support import ISS, Api, bearer, cli_token, drain, encryption, phone_decrypt
+from support import ISS, Api, bearer, cli_token, drain, encryption, envelope, phone_decrypt
 from servers import Gunicorn, call, cli, push_env, wait_until
 
 import delivery
@@ -37,10 +37,10 @@ def test_send_queues_like_the_sender_api_and_prints_id_and_count(app, api, alice
     assert deliveries == "2"
 
     drain(app, delivery.Worker(app))
-    plain, sealed = sorted(gateway.notifications(), key=lambda n: "ciphertext" in n)
+    plain, sealed = sorted(gateway.notifications(), key=lambda n: envelope(n) is not None)
     assert plain["event_id"] == notification_id and plain["content"] == {"task": "7"}
     assert plain["prio"] == "low"
-    assert phone_decrypt(ISS, "2024-11", sealed) == {"task": "7"}
+    assert phone_decrypt(ISS, "2024-11", envelope(sealed)) == {"task": "7"}
     history = api.client.get(f"/push/v1/history/{notification_id}", headers=alice)
     assert history.get_json() == {"identifier": notification_id, "payload": {"task": "7"}}
 
@@ -94,7 +94,8 @@ def test_pushers_lists_prefix_app_gateway_and_last_delivery(app, api, alice, run
     assert rows[1][:4] == ["phone-…", "com.example.app", host, "no"]
     assert rows[1][4].startswith("delivered 20") and rows[1][4].endswith("Z")
     assert rows[2][:4] == ["bad-ph…", "com.example.app", host, "yes"]
-    assert rows[2][4].startswith("failed 20") and "gateway answered 400" in rows[2][4]
+    # an encrypted /notify pusher goes in a notifyEncrypted/batch, whose item failed
+    assert rows[2][4].startswith("failed 20") and "gateway: bad pushkey" in rows[2][4]
     assert rows[3] == ["phone-…", "com.example.other", "gw.example", "no", "none yet"]
 
 
@@ -224,7 +225,8 @@ def serve_restored(env, tmp_path, alice, erp, gateway, notifications):
                    "every delivery of the restored copy")
         assert "Traceback" not in server.log()
     assert len(gateway.notifications()) == 3 * notifications
-    payloads = {json.dumps(phone_decrypt(ISS, "2024-11", n)) for n in gateway.notifications()}
+    payloads = {json.dumps(phone_decrypt(ISS, "2024-11", envelope(n)))
+                for n in gateway.notifications()}
     assert len(payloads) == notifications
 
 

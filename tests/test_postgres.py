@@ -57,8 +57,8 @@ def recording(gateway):
     answered = []
     answer = gateway.answer
 
-    def record(path, body):
-        status, reply = answer(path, body)
+    def record(path, body, size=0):
+        status, reply = answer(path, body, size)
         with gateway.lock:
             answered.append((path, body, status, reply))
         return status, reply
