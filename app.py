@@ -54,6 +54,7 @@ from models import (
     sqlite_path,
     token_digest,
     transaction,
+    use_connection,
     user_name,
 )
 from schemas import (
@@ -147,14 +148,8 @@ def create_app(test_config=None, instance_path=None):
     if isinstance(db.obj, SqliteDatabase):
         warn_if_readable(db.obj.database, "the database")
 
-    @app.before_request
-    def open_connection():
-        db.connect(reuse_if_open=True)
-
-    @app.teardown_request
-    def close_connection(exc):
-        if not db.is_closed():
-            db.close()
+    # Each thread keeps its connection from request to request (models.use_connection).
+    app.before_request(use_connection)
 
     @app.after_request
     def no_sniffing_no_caching(response):

@@ -339,3 +339,19 @@ def test_racing_registrations_of_one_pusher_all_succeed(pg_app):
     for round_ in range(5):
         assert race(pg_app, [same_pusher(round_)] * 8) == [200] * 8
         assert race(pg_app, [same_key(round_, i) for i in range(8)]) == [200] * 8
+
+
+def test_a_connection_the_server_dropped_is_replaced_before_the_next_request(pg_app, pg_url,
+                                                                             tmp_path):
+    """Threads keep their connection; after the server drops it (a restart), the next request
+    gets a new one instead of an error."""
+    alice = tokens(pg_app, "alice", services=())["alice"]
+    client = pg_app.test_client()
+    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    kept = db.connection()
+    dropped = query(push_env(tmp_path, DATABASE_URL=pg_url),
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    assert dropped == [(True,)]
+    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert db.connection() is not kept
