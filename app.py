@@ -22,7 +22,7 @@ from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from flask_smorest import abort as smorest_abort
-from peewee import IntegrityError, SqliteDatabase, fn
+from peewee import IntegrityError, SqliteDatabase
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import PathConverter
 
@@ -36,6 +36,7 @@ from gateway import log_safe
 from models import (
     DEVICE_CHANNELS,
     DEVICE_EXISTS,
+    DEVICE_HISTORY,
     KEY_BY_IDENTIFIER,
     KNOWN_CHANNELS,
     OTHER_OWNERS,
@@ -45,7 +46,6 @@ from models import (
     TOKEN_OWNER,
     UPDATE_PUSHER,
     Channel,
-    Delivery,
     EncryptionKey,
     Notification,
     NotQueued,
@@ -897,16 +897,12 @@ class DeviceHistory(MethodView):
         """Notifications addressed to one of the caller's devices, newest first."""
         user_id = g.user_id
         not_found_if_nul(pushkey, "No pusher with this pushkey")
-        notifications = (Notification.select(Notification.id, Notification.payload)
-                         .join(Delivery)
-                         .where((Delivery.user == user_id) & (Delivery.pushkey == pushkey))
-                         .group_by(Notification.id, Notification.payload)
-                         .order_by(fn.MAX(Notification.created_at).desc(), Notification.id.desc())
-                         .limit(current_app.config["HISTORY_LIMIT"]))
-        messages = [message_out(n) for n in notifications]
+        messages = [{"identifier": notification_id, "payload": json.loads(payload)}
+                    for notification_id, payload in rows(
+                        DEVICE_HISTORY, user_id, pushkey, current_app.config["HISTORY_LIMIT"])]
         if not messages:
             own_device_or_404(user_id, pushkey)
-        return {"messages": messages}
+        return json_response({"messages": messages})
 
 
 # --- seed-era paths ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from support import pusher_body
 
+import delivery
 import models
 from models import db
 
@@ -71,3 +72,34 @@ def test_writers_wait_for_the_writer_lock_and_readers_do_not(api, alice):
         holder.stdout.close()
     assert api.pushkeys(alice) == ["phone-1", "phone-2"]
 
+
+def plan(sql, params=()):
+    """SQLite's plan of a statement: its steps, as EXPLAIN QUERY PLAN words them."""
+    return [row[3] for row in db.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall()]
+
+
+def test_claims_and_device_histories_read_no_delivered_history(app):
+    """Delivered rows pile up for HISTORY_DAYS; the claim reads the partial index of pending
+    ones, and a device's history its newest deliveries in index order, up to its limit (no
+    sorting or grouping of everything the device ever got)."""
+    worker = delivery.Worker(app)
+    claimed = []
+    try:
+        with app.app_context():
+            db.connect(reuse_if_open=True)
+            db.obj.query_hooks.append(claimed.append)
+            try:
+                worker.claim()
+            finally:
+                db.obj.query_hooks.remove(claimed.append)
+            [claim] = [event for event in claimed if event.sql.startswith("SELECT")]
+            assert any("USING INDEX delivery_due" in step for step in plan(claim.sql,
+                                                                            claim.params))
+            history = plan(models.DEVICE_HISTORY, (1, "phone-1", 1000))
+            assert any("USING INDEX delivery_user_id_pushkey_created_at" in step
+                       for step in history)
+            assert not any("GROUP BY" in step for step in history)
+            purge = plan(models.PURGEABLE, (0.0, 1.0, 100))
+            assert any("USING INDEX notification_created_at" in step for step in purge)
+    finally:
+        worker.close()
