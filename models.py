@@ -293,7 +293,7 @@ PURGEABLE = ("SELECT n.id, n.created_at FROM notification n"
              " ORDER BY n.created_at LIMIT ?")
 PURGE_DELIVERIES = "DELETE FROM delivery WHERE notification_id IN ({})"
 PURGE_NOTIFICATIONS = "DELETE FROM notification WHERE id IN ({})"
-#: Notifications the purge deletes per transaction: about 15 ms of the writer lock with 10^6
+#: Notifications the purge deletes per transaction: 15-25 ms of the writer lock with 10^6
 #: deliveries stored (bench/scale.py).
 PURGE_BATCH = 100
 NOTIFICATION_BY_IDENTIFIER = "SELECT id FROM notification WHERE service_id = ? AND identifier = ?"

@@ -28,8 +28,9 @@ Method, all in one run:
 
 wrk and the server share the machine, so the figures move with its other load; the load
 average is printed before and after. ``--profile DIR`` samples the gunicorn workers' wall-clock
-time with py-spy while each service endpoint is loaded and prints the hot functions (profiled
-figures are slower: compare them with each other only).
+time in requests with py-spy (``--profile-gil``: only the thread holding the GIL) while each
+service endpoint is loaded and prints the hot functions (profiled figures are slower: compare
+them with each other only).
 
     .venv/bin/python bench/http_load.py                       # every endpoint, 10 s each
     .venv/bin/python bench/http_load.py --only get-pushers,hello --duration 5
