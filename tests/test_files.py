@@ -27,6 +27,7 @@ def warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
+@pytest.mark.sqlite_only  # the database's own files
 def test_database_wal_and_lock_files_are_created_0600(make_app, common_umask, tmp_path):
     app = make_app()
     instance = tmp_path / "instance"
@@ -46,6 +47,7 @@ def test_a_private_instance_warns_about_nothing(make_app, common_umask, caplog):
     assert warnings(caplog) == []
 
 
+@pytest.mark.sqlite_only  # a database file to warn about
 def test_readable_folder_database_and_server_key_are_warned_about(make_app, common_umask,
                                                                   tmp_path, caplog):
     make_app()

@@ -6,7 +6,7 @@ import logging
 import sys
 
 import pytest
-from servers import Gunicorn, push_env, wait_until
+from servers import Gunicorn, wait_until
 from support import Api, bearer, cli_token
 
 from app import JsonFormatter, RequestLogFilter
@@ -100,7 +100,7 @@ def test_an_unknown_log_format_stops_the_app(make_app):
         make_app(LOG_FORMAT="xml")
 
 
-def test_gunicorn_and_the_app_log_only_json_lines(make_app, tmp_path, gateway):
+def test_gunicorn_and_the_app_log_only_json_lines(make_app, tmp_path, gateway, server_env):
     app = make_app()
     api, runner = Api(app.test_client()), app.test_cli_runner()
     alice = bearer(cli_token(runner, "users", "create", "alice"))
@@ -110,8 +110,8 @@ def test_gunicorn_and_the_app_log_only_json_lines(make_app, tmp_path, gateway):
     with db.connection_context():  # a row the worker cannot build: it logs the exception
         Pusher.update(data="{not json").execute()
     assert api.send(service).status_code == 202
-    env = push_env(app.instance_path, LOG_FORMAT="json", EMBEDDED_WORKER=True,
-                   ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True, TYPO_SETTING=1)
+    env = server_env(app.instance_path, LOG_FORMAT="json", EMBEDDED_WORKER=True,
+                     ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True, TYPO_SETTING=1)
     with Gunicorn(env, workers=1, log_dir=tmp_path) as server:
         wait_until(lambda: "could not build delivery" in server.log(), 30, "the worker's error")
     lines = [line for line in server.log().splitlines() if line.strip()]

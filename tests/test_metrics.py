@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client.parser import text_string_to_metric_families
 from support import Gateway, assert_error, bearer, cli_token
-from servers import BIN, ROOT, Gunicorn, call, push_env, pushkey_path, wait_until
+from servers import BIN, ROOT, Gunicorn, call, pushkey_path, wait_until
 
 import metrics
 from models import Delivery, db
@@ -113,16 +113,17 @@ DEVICES = ["ok-1", "ok-2", "reject-1", "bad-1", "fail-1-once"]
 NOTIFICATIONS = 3
 
 
-def test_totals_add_up_across_four_gunicorn_workers_and_a_worker_command(make_app, tmp_path):
+def test_totals_add_up_across_four_gunicorn_workers_and_a_worker_command(make_app, tmp_path,
+                                                                         server_env):
     app = make_app()
     runner = app.test_cli_runner()
     alice = cli_token(runner, "users", "create", "alice")
     erp = cli_token(runner, "services", "create", "erp")
     runner.invoke(args=["channels", "add", "erp.task", "--default", "enabled"])
     gateway = Gateway()
-    env = push_env(app.instance_path, RATE_LIMIT_ENABLED=False, EMBEDDED_WORKER=False,
-                   ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True,
-                   RETRY_INITIAL_SECONDS=0, WORKER_POLL_SECONDS=0.1)
+    env = server_env(app.instance_path, RATE_LIMIT_ENABLED=False, EMBEDDED_WORKER=False,
+                     ALLOW_HTTP_GATEWAYS=True, ALLOW_PRIVATE_GATEWAYS=True,
+                     RETRY_INITIAL_SECONDS=0, WORKER_POLL_SECONDS=0.1)
     try:
         with Gunicorn(env, workers=4, log_dir=tmp_path) as server:
             send_known_traffic(server.port, alice, erp, gateway)

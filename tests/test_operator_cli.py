@@ -117,6 +117,7 @@ def test_pushers_of_an_unknown_user_fails(runner):
 # --- backup -----------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # backup copies a SQLite file (PostgreSQL: pg_dump)
 def test_backup_copies_a_sound_database_and_reminds_of_the_server_key(app, runner, alice,
                                                                       register, tmp_path):
     register(alice, "phone-1")
@@ -134,6 +135,7 @@ def test_backup_copies_a_sound_database_and_reminds_of_the_server_key(app, runne
     assert [p for p in os.listdir(tmp_path) if p.startswith(".backup-")] == []
 
 
+@pytest.mark.sqlite_only  # backup copies a SQLite file (PostgreSQL: pg_dump)
 def test_backup_never_overwrites_a_file(runner, tmp_path):
     target = tmp_path / "exists"
     target.write_text("precious")
@@ -148,6 +150,7 @@ def test_backup_on_postgresql_says_to_use_pg_dump(pg_app, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.sqlite_only  # backup copies a SQLite file (PostgreSQL: pg_dump)
 def test_backup_while_the_server_writes_then_restore_and_serve(make_app, tmp_path, gateway):
     """Copies taken under a stream of writes are each consistent (every notification has
     all its deliveries); a restored copy with its server key serves and delivers."""
