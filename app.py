@@ -22,7 +22,7 @@ from flask import Flask, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from flask_smorest import abort as smorest_abort
-from peewee import EXCLUDED, JOIN, IntegrityError, SqliteDatabase, fn
+from peewee import IntegrityError, SqliteDatabase
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import PathConverter
 
@@ -34,26 +34,38 @@ import metrics
 import migrations
 from gateway import log_safe, tls_context
 from models import (
+    DEVICE_CHANNELS,
+    DEVICE_EXISTS,
+    DEVICE_HISTORY,
+    KEY_BY_IDENTIFIER,
+    KNOWN_CHANNELS,
+    OTHER_OWNERS,
+    PUSHER_OF,
+    PUSHERS_OF,
+    SET_CHANNEL_STATES,
+    TOKEN_OWNER,
+    UPDATE_PUSHER,
     Channel,
-    ChannelState,
-    Delivery,
     EncryptionKey,
     Notification,
     NotQueued,
     Pusher,
-    Token,
     audit,
     db,
     delete_pusher,
     drop_unused_key,
     lock_user,
+    marks,
     now,
     open_database,
     queue_notification,
     rate_counters,
+    rows,
+    run,
     sqlite_path,
     token_digest,
     transaction,
+    use_connection,
     user_name,
 )
 from schemas import (
@@ -155,14 +167,8 @@ def create_app(test_config=None, instance_path=None):
     if isinstance(db.obj, SqliteDatabase):
         warn_if_readable(db.obj.database, "the database")
 
-    @app.before_request
-    def open_connection():
-        db.connect(reuse_if_open=True)
-
-    @app.teardown_request
-    def close_connection(exc):
-        if not db.is_closed():
-            db.close()
+    # Each thread keeps its connection from request to request (models.use_connection).
+    app.before_request(use_connection)
 
     @app.after_request
     def no_sniffing_no_caching(response):
@@ -529,12 +535,12 @@ class RateLimits:
             wait_ms = int((started + 60 - current) * 1000) + 1
             abort(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=wait_ms)
 
-    def check_owner(self, row):
+    def check_owner(self, user_id, service_id):
         """Count a request of the user or service a valid token belongs to."""
-        if row.user_id is not None:
-            self.check(f"user:{row.user_id}", self.config["RATE_LIMIT_PER_MINUTE"])
+        if user_id is not None:
+            self.check(f"user:{user_id}", self.config["RATE_LIMIT_PER_MINUTE"])
         else:
-            self.check(f"service:{row.service_id}", self.config["SERVICE_RATE_LIMIT_PER_MINUTE"])
+            self.check(f"service:{service_id}", self.config["SERVICE_RATE_LIMIT_PER_MINUTE"])
 
     def check_failure(self, req):
         """Count a failed authentication of the request's client address."""
@@ -584,14 +590,15 @@ def authenticate(kind):
     if scheme.lower() != "bearer" or not token:
         abort(401, "M_MISSING_TOKEN", "Missing access token")
     limits = current_app.extensions.get("push_rate_limits")  # None: limits are off
-    row = Token.get_or_none((Token.digest == token_digest(token)) & Token.revoked_at.is_null())
-    if row is None:
+    found = rows(TOKEN_OWNER, token_digest(token))
+    if not found:
         if limits:
             limits.check_failure(request)
         abort(401, "M_UNKNOWN_TOKEN", "Unknown or revoked access token")
+    user_id, service_id = found[0]
     if limits:
-        limits.check_owner(row)
-    owner_id = row.user_id if kind == "user" else row.service_id
+        limits.check_owner(user_id, service_id)
+    owner_id = user_id if kind == "user" else service_id
     if owner_id is None:
         abort(403, "M_FORBIDDEN", f"This endpoint needs a {kind} token")
     return owner_id
@@ -613,48 +620,59 @@ pushers_blp = PushBlueprint("pushers", __name__, token="user",
                             description="Register devices (pushers)")
 
 
-def pusher_out(pusher):
-    """A pusher as the client sees it: never the iss or a key."""
+def pusher_out(row):
+    """A pusher (a row of models.PUSHERS_OF) as the client sees it: never the iss or a key."""
+    (pushkey, kind, app_id, app_display_name, device_display_name, lang, data, pushkey_ts,
+     profile_tag, key_identifier) = row
     out = {
-        "pushkey": pusher.pushkey,
-        "kind": pusher.kind,
-        "app_id": pusher.app_id,
-        "app_display_name": pusher.app_display_name,
-        "device_display_name": pusher.device_display_name,
-        "lang": pusher.lang,
-        "data": json.loads(pusher.data),
-        "pushkey_ts": pusher.pushkey_ts,
+        "pushkey": pushkey,
+        "kind": kind,
+        "app_id": app_id,
+        "app_display_name": app_display_name,
+        "device_display_name": device_display_name,
+        "lang": lang,
+        "data": json.loads(data),
+        "pushkey_ts": pushkey_ts,
     }
-    if pusher.profile_tag is not None:
-        out["profile_tag"] = pusher.profile_tag
-    if pusher.encryption_key_id is not None:
-        out["encryption"] = {"method": "aes-hmac-sha256",
-                             "key_identifier": pusher.encryption_key.key_identifier}
+    if profile_tag is not None:
+        out["profile_tag"] = profile_tag
+    if key_identifier is not None:
+        out["encryption"] = {"method": "aes-hmac-sha256", "key_identifier": key_identifier}
     return out
 
 
-def register_key(encryption):
-    """The stored key for this key_identifier; made from the iss on first sight.
+def json_response(body):
+    """``body`` as the JSON answer flask-smorest would make of it, without the schema's dump.
 
-    A known key_identifier with a different iss is refused; with the same iss, the ratchet
-    stays where it is.
+    For views whose answer is already of their documented shape: flask-smorest passes a
+    Response through untouched (the schema then only documents it), and marshmallow's dump
+    of a list of pushers cost more than building it.
     """
-    server_key = current_app.extensions["push_server_key"]
-    iss = bytes.fromhex(encryption["iss"])
-    fingerprint = server_key.iss_fingerprint(iss)
+    return current_app.json.response(body)
+
+
+def register_key(encryption, fingerprint):
+    """The id of the stored key for this key_identifier; made from the iss on first sight.
+
+    A known key_identifier with a different iss (``fingerprint``: the iss's fingerprint) is
+    refused; with the same iss, the ratchet stays where it is.
+    """
     key_identifier = encryption["key_identifier"]
-    key = EncryptionKey.get_or_none(EncryptionKey.key_identifier == key_identifier)
-    if key is not None:
-        if not secrets.compare_digest(key.iss_fingerprint, fingerprint):
+    found = rows(KEY_BY_IDENTIFIER, key_identifier)
+    if found:
+        key_id, stored_fingerprint = found[0]
+        if not secrets.compare_digest(stored_fingerprint, fingerprint):
             abort(400, "M_INVALID_PARAM", "key_identifier is already in use with a different iss")
-        return key
-    generation = crypto.first_generation(iss, encryption["time_iss_created"])
+        return key_id
+    server_key = current_app.extensions["push_server_key"]
+    generation = crypto.first_generation(bytes.fromhex(encryption["iss"]),
+                                         encryption["time_iss_created"])
     return EncryptionKey.create(
         key_identifier=key_identifier,
         iss_fingerprint=fingerprint,
         period=generation.period,
         sealed=server_key.seal_generation(key_identifier, generation),
-    )
+    ).id
 
 
 @pushers_blp.route("/pushers")
@@ -663,25 +681,20 @@ class Pushers(MethodView):
     @pushers_blp.errors()
     def get(self):
         """List the caller's pushers, oldest first."""
-        user_id = g.user_id
-        pushers = (Pusher.select(Pusher, EncryptionKey)
-                   .join(EncryptionKey, JOIN.LEFT_OUTER)
-                   .where(Pusher.user == user_id)
-                   .order_by(Pusher.created_at, Pusher.id))
-        return {"pushers": [pusher_out(p) for p in pushers]}
+        return json_response({"pushers": [pusher_out(row) for row in rows(PUSHERS_OF, g.user_id)]})
 
 
 @pushers_blp.route("/pushers/set")
 class PusherSet(MethodView):
-    @pushers_blp.arguments(PusherSetSchema)
+    @pushers_blp.arguments(PusherSetSchema())
     @pushers_blp.response(200, EmptySchema)
     @pushers_blp.errors(400, 413)
     def post(self, body):
         """Create, update (kind "http") or delete (kind null) one pusher of the caller."""
         user_id = g.user_id
-        match = ((Pusher.user == user_id) & (Pusher.app_id == body["app_id"])
-                 & (Pusher.pushkey == body["pushkey"]))
         if body["kind"] is None:
+            match = ((Pusher.user == user_id) & (Pusher.app_id == body["app_id"])
+                     & (Pusher.pushkey == body["pushkey"]))
             with transaction():
                 for pusher in Pusher.select().where(match):
                     delete_pusher(pusher, "removed by its user")
@@ -703,6 +716,11 @@ class PusherSet(MethodView):
             "data": compact_json(body["data"]).decode(),
             "pushkey_ts": now(),
         }
+        # What needs no lock is read or worked out before the transaction, which holds the
+        # one writer lock: every other write of the host waits while it is open.
+        fingerprint = current_app.extensions["push_server_key"].iss_fingerprint(
+            bytes.fromhex(encryption["iss"])) if encryption else None
+        name = user_name(user_id)
         # On PostgreSQL two requests can still both find "no such row" and both insert (the
         # user's row lock serializes one user, not a key_identifier shared across users): the
         # loser gets IntegrityError, and a second try then sees the winner's row.
@@ -710,37 +728,39 @@ class PusherSet(MethodView):
             try:
                 with transaction():
                     lock_user(user_id)
-                    save_pusher(user_id, body, values, encryption)
+                    save_pusher(user_id, name, body, values, encryption, fingerprint)
                 return {}
             except IntegrityError:
                 if attempt == 2:
                     raise
 
 
-def save_pusher(user_id, body, values, encryption):
-    """The write half of POST /pushers/set, inside the caller's transaction."""
-    match = ((Pusher.user == user_id) & (Pusher.app_id == body["app_id"])
-             & (Pusher.pushkey == body["pushkey"]))
-    values["encryption_key"] = register_key(encryption) if encryption else None
-    pusher = Pusher.get_or_none(match)
-    if pusher is None:
+def save_pusher(user_id, name, body, values, encryption, fingerprint):
+    """The write half of POST /pushers/set, inside the caller's transaction (``name``: the
+    user's, for the audit trail)."""
+    app_id, pushkey = body["app_id"], body["pushkey"]
+    key_id = register_key(encryption, fingerprint) if encryption else None
+    found = rows(PUSHER_OF, user_id, app_id, pushkey)
+    if not found:
         limit = current_app.config["MAX_PUSHERS_PER_USER"]
         if Pusher.select().where(Pusher.user == user_id).count() >= limit:
             abort(403, "M_RESOURCE_LIMIT_EXCEEDED", f"A user may have at most {limit} pushers")
-        Pusher.create(user=user_id, app_id=body["app_id"], pushkey=body["pushkey"], **values)
-        audit(user_id, body["app_id"], body["pushkey"], "registered", "registered by its user")
+        Pusher.create(user=user_id, app_id=app_id, pushkey=pushkey, encryption_key=key_id,
+                      **values)
+        audit(name, app_id, pushkey, "registered", "registered by its user")
     else:
-        old_key = pusher.encryption_key_id
-        Pusher.update(values).where(Pusher.id == pusher.id).execute()
-        if old_key is not None and old_key != getattr(values["encryption_key"], "id", None):
+        pusher_id, old_key = found[0]
+        run(UPDATE_PUSHER, values["kind"], values["app_display_name"],
+            values["device_display_name"], values["profile_tag"], values["lang"],
+            values["data"], values["pushkey_ts"], key_id, pusher_id)
+        if old_key is not None and old_key != key_id:
             drop_unused_key(old_key)
-        audit(user_id, body["app_id"], body["pushkey"], "updated", "updated by its user")
-    if not body["append"]:
-        others = Pusher.select().where(
-            (Pusher.app_id == body["app_id"]) & (Pusher.pushkey == body["pushkey"])
-            & (Pusher.user != user_id))
+        audit(name, app_id, pushkey, "updated", "updated by its user")
+    if not body["append"] and rows(OTHER_OWNERS, app_id, pushkey, user_id):
+        others = Pusher.select().where((Pusher.app_id == app_id) & (Pusher.pushkey == pushkey)
+                                       & (Pusher.user != user_id))
         for other in others:
-            delete_pusher(other, f"taken over by user {user_name(user_id)} (append: false)")
+            delete_pusher(other, f"taken over by user {name} (append: false)")
 
 
 # --- channels -------------------------------------------------------------------------------
@@ -767,8 +787,7 @@ def not_found_if_nul(value, message):
 def own_device_or_404(user_id, pushkey):
     """404 unless the caller has a pusher with this pushkey."""
     not_found_if_nul(pushkey, "No pusher with this pushkey")
-    exists = Pusher.select().where((Pusher.user == user_id) & (Pusher.pushkey == pushkey)).exists()
-    if not exists:
+    if not rows(DEVICE_EXISTS, user_id, pushkey):
         abort(404, "M_NOT_FOUND", "No pusher with this pushkey")
 
 
@@ -793,16 +812,11 @@ class DeviceChannels(MethodView):
         """
         user_id = g.user_id
         own_device_or_404(user_id, pushkey)
-        states = dict(
-            ChannelState.select(ChannelState.channel, ChannelState.status)
-            .where((ChannelState.user == user_id) & (ChannelState.pushkey == pushkey))
-            .tuples()
-        )
-        channels = Channel.select(Channel.id, Channel.default_status).order_by(Channel.id).tuples()
-        return {"channels": [{"id": cid, "status": states.get(cid, default)}
-                             for cid, default in channels]}
+        return json_response({"channels": [{"id": channel_id, "status": status} for
+                                           channel_id, status in rows(DEVICE_CHANNELS, user_id,
+                                                                      pushkey)]})
 
-    @channels_blp.arguments(ChannelsUpdateSchema)
+    @channels_blp.arguments(ChannelsUpdateSchema())
     @channels_blp.response(200, EmptySchema)
     @channels_blp.errors(400, 404, 413)
     def post(self, body, pushkey):
@@ -820,19 +834,15 @@ class DeviceChannels(MethodView):
             abort(400, "M_INVALID_PARAM", f"Channel named more than once: {', '.join(duplicates)}")
         with transaction():
             own_device_or_404(user_id, pushkey)
-            known = {cid for (cid,) in Channel.select(Channel.id).where(Channel.id.in_(names))
-                     .tuples()} if names else set()
+            known = {cid for (cid,) in rows(KNOWN_CHANNELS.format(marks(len(names))), *names)
+                     } if names else set()
             unknown = [n for n in names if n not in known]
             if unknown:
                 abort(400, "M_INVALID_PARAM", f"Unknown channel: {', '.join(unknown)}")
-            rows = [{"user": user_id, "pushkey": pushkey, "channel": c["name"],
-                     "status": c["value"]} for c in changes]
-            if rows:
-                (ChannelState.insert_many(rows)
-                 .on_conflict(conflict_target=[ChannelState.user, ChannelState.pushkey,
-                                               ChannelState.channel],
-                              update={ChannelState.status: EXCLUDED.status})
-                 .execute())
+            if changes:
+                run(SET_CHANNEL_STATES.format(marks(len(changes), "(?, ?, ?, ?)")),
+                    *[value for c in changes for value in (user_id, pushkey, c["name"],
+                                                           c["value"])])
         return {}
 
 
@@ -844,7 +854,7 @@ notifications_blp = PushBlueprint("notifications", __name__, token="service",
 
 @notifications_blp.route("/notifications")
 class Notifications(MethodView):
-    @notifications_blp.arguments(NotificationRequestSchema)
+    @notifications_blp.arguments(NotificationRequestSchema())
     @notifications_blp.response(202, NotificationCreatedSchema)
     @notifications_blp.errors(400, 413)
     def post(self, body):
@@ -895,16 +905,12 @@ class DeviceHistory(MethodView):
         """Notifications addressed to one of the caller's devices, newest first."""
         user_id = g.user_id
         not_found_if_nul(pushkey, "No pusher with this pushkey")
-        notifications = (Notification.select(Notification.id, Notification.payload)
-                         .join(Delivery)
-                         .where((Delivery.user == user_id) & (Delivery.pushkey == pushkey))
-                         .group_by(Notification.id, Notification.payload)
-                         .order_by(fn.MAX(Notification.created_at).desc(), Notification.id.desc())
-                         .limit(current_app.config["HISTORY_LIMIT"]))
-        messages = [message_out(n) for n in notifications]
+        messages = [{"identifier": notification_id, "payload": json.loads(payload)}
+                    for notification_id, payload in rows(
+                        DEVICE_HISTORY, user_id, pushkey, current_app.config["HISTORY_LIMIT"])]
         if not messages:
             own_device_or_404(user_id, pushkey)
-        return {"messages": messages}
+        return json_response({"messages": messages})
 
 
 # --- seed-era paths ---------------------------------------------------------------------------

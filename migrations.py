@@ -34,7 +34,7 @@ import time
 from peewee import CharField, DoubleField, Model, PostgresqlDatabase, TextField
 from playhouse.migrate import SchemaMigrator, migrate
 
-from models import MODELS, db, open_database, transaction
+from models import DUE_INDEX, MODELS, db, open_database, transaction
 
 #: The file lock in the instance folder that lets one process at a time upgrade.
 LOCK_FILE = ".schema.lock"
@@ -75,8 +75,22 @@ def add_audit_trail(migrator):
             migrator.add_index("auditevent", ("user", "created_at")))
 
 
+def index_for_growth(migrator):
+    """Indexes whose cost stays flat as delivered history piles up (models.Delivery): the
+    claim reads a partial index of pending rows, a device's history reads (user, pushkey,
+    created_at) newest first. Indexes that a longer one begins with go: every insert and
+    every purge paid for them."""
+    migrate(migrator.drop_index("delivery", "delivery_state_next_attempt_at"),
+            migrator.drop_index("delivery", "delivery_user_id_pushkey"),
+            migrator.drop_index("delivery", "delivery_user_id"),
+            migrator.drop_index("notification", "notification_service_id"),
+            migrator.add_index("delivery", ("next_attempt_at", "lease_until"), **DUE_INDEX),
+            migrator.add_index("delivery", ("user_id", "pushkey", "created_at")))
+
+
 STEPS = [
     ("0001_audit_trail", add_audit_trail),
+    ("0002_index_for_growth", index_for_growth),
 ]
 
 

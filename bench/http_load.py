@@ -28,8 +28,9 @@ Method, all in one run:
 
 wrk and the server share the machine, so the figures move with its other load; the load
 average is printed before and after. ``--profile DIR`` samples the gunicorn workers' wall-clock
-time with py-spy while each service endpoint is loaded and prints the hot functions (profiled
-figures are slower: compare them with each other only).
+time in requests with py-spy (``--profile-gil``: only the thread holding the GIL) while each
+service endpoint is loaded and prints the hot functions (profiled figures are slower: compare
+them with each other only).
 
     .venv/bin/python bench/http_load.py                       # every endpoint, 10 s each
     .venv/bin/python bench/http_load.py --only get-pushers,hello --duration 5
@@ -258,9 +259,12 @@ def wrk_command_line(argv, method, token_kind, bodies):
 
 
 def start_profile(args, pid, name):
-    """py-spy sampling gunicorn's workers (children of ``pid``), idle or not, until SIGINT."""
+    """py-spy sampling gunicorn's workers (children of ``pid``) until SIGINT: every thread,
+    idle or not (wall-clock time), or with ``--profile-gil`` only the one holding the GIL
+    (the Python work the CPUs do)."""
     out = os.path.join(args.profile, f"{name}.txt")
-    argv = [args.py_spy, "record", "--pid", str(pid), "--subprocesses", "--idle", "--nolineno",
+    argv = [args.py_spy, "record", "--pid", str(pid), "--subprocesses",
+            "--gil" if args.profile_gil else "--idle", "--nolineno",
             "--format", "raw", "--rate", "100", "--output", out]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True), out
@@ -275,18 +279,25 @@ def stop_profile(profile):
         print(f"  py-spy failed: {err.strip()[-300:]}", file=sys.stderr)
 
 
-def print_profile(path, top):
-    """Hot spots of a py-spy raw profile of gunicorn's workers.
+#: A gunicorn worker's frame that handles one request (SyncWorker's or gthread's ThreadWorker's).
+REQUEST_FRAME = re.compile(r"\w+Worker\.handle_request \(gunicorn/workers/")
+
+
+def print_profile(path, top, gil):
+    """Hot spots of a py-spy raw profile of gunicorn's workers, in their requests.
 
     Each raw line is ``process master;process worker;frame;...;frame count``, outermost
-    first; stacks of the master itself (one process frame) are left out. The samples cover
-    the workers' wall-clock time (py-spy --idle): time spent waiting -- for SQLite's write
-    lock, an fsync, the CPU, the next connection (``SyncWorker.wait``) -- counts for the
-    function that waits. A function's own share counts the samples where it is the innermost
-    frame; its inclusive share those where it is anywhere on the stack.
+    first. Only stacks inside a request count (under a worker's ``handle_request``): the
+    master, a worker's main loop and the threads of a threaded worker that wait for their
+    next request are left out (their share is printed), or they would dwarf the rest. The
+    samples cover wall-clock time (py-spy --idle): time spent waiting -- for SQLite's write
+    lock, an fsync, the GIL, the CPU -- counts for the function that waits. A function's own
+    share counts the samples where it is the innermost frame; its inclusive share those where
+    it is anywhere on the stack. With ``gil`` (``--profile-gil``) the samples are of the
+    thread holding the GIL only: where the Python work goes, waits left out.
     """
     own_modules = {name for name in os.listdir(ROOT) if name.endswith(".py")}
-    own, by_module, inclusive, total = Counter(), Counter(), Counter(), 0
+    own, by_module, inclusive, total, idle = Counter(), Counter(), Counter(), 0, 0
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
@@ -296,13 +307,20 @@ def print_profile(path, top):
             if processes < 2 or not frames:
                 continue
             count = int(count)
+            if not any(REQUEST_FRAME.match(frame) for frame in frames):
+                idle += count
+                continue
             total += count
             own[frames[-1]] += count
             by_module[module_of(frames[-1])] += count
             for frame in set(frames):
                 if module_of(frame) in own_modules:
                     inclusive[frame] += count
-    print(f"\n=== profile {path}: {total:,} samples of the gunicorn workers' wall-clock time ===")
+    what = "time holding the GIL" if gil else "wall-clock time"
+    print(f"\n=== profile {path}: {total:,} samples of the gunicorn workers' {what}"
+          f" in requests ({idle:,} more outside any request left out) ===")
+    if not total:
+        return
     for title, counter in (("functions by own time", own),
                            ("modules and packages by own time", by_module),
                            ("the service's own functions by inclusive time", inclusive)):
@@ -425,6 +443,9 @@ def main():
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="sample the workers with py-spy during each service endpoint and "
                              "print the hot functions (pip install py-spy into the venv)")
+    parser.add_argument("--profile-gil", action="store_true",
+                        help="with --profile: sample only the thread that holds the GIL (CPU "
+                             "work) instead of every thread's wall-clock time")
     parser.add_argument("--profile-lines", type=int, default=20)
     args = parser.parse_args()
 
@@ -511,7 +532,7 @@ def main():
     if args.profile:
         for r in rows:
             if r["profile"] and os.path.exists(r["profile"]):
-                print_profile(r["profile"], args.profile_lines)
+                print_profile(r["profile"], args.profile_lines, args.profile_gil)
 
     failed = [r["label"] for r in rows
               if r["requests"] == 0 or r["non2xx"] + r["socket_errors"] > r["requests"] / 2]

@@ -26,8 +26,9 @@ The database is filled with bulk SQL, not through the API: INSERT ... SELECT ove
 CTEs (plain SQL that SQLite and PostgreSQL both run), one transaction per table and step.
 Rows are shaped like real ones: users with 1-3 devices (two in three end-to-end encrypted,
 with a real sealed key generation), a token each, a channel catalogue and explicit channel
-states; notifications with JSON payloads and idempotency keys, spread over 30 days; per
-notification one delivery per device of its user, mostly delivered, some failed for good;
+states; notifications with JSON payloads and idempotency keys, spread over 30 days (stored in
+time order, with ids that begin with their time, as the app stores them); per notification
+one delivery per device of its user, mostly delivered, some failed for good;
 plus recent pending deliveries, most of them due, some waiting for a retry.
 
     .venv/bin/python bench/scale.py                  # U 10^3..10^5 x D 10^4..10^6 (~10 min)
@@ -89,13 +90,21 @@ def sequence():
             "SELECT i + 1 FROM seq WHERE i < ?) ")
 
 
-def notification_id(j):
-    """The id of seeded notification j: 32 characters, like the app's uuid4().hex."""
-    return "seed" + str(j).zfill(28)
+def padded(expression, width):
+    """SQL for the integer ``expression`` in decimal digits, zero-padded to ``width``."""
+    text = f"CAST({expression} AS TEXT)"
+    return f"substr('{'0' * width}' || {text}, length({text}) + 1)"
 
 
-SQL_NOTIFICATION_ID = ("'seed' || substr('0000000000000000000000000000' || CAST(i AS TEXT), "
-                       "length(CAST(i AS TEXT)) + 1)")
+# Seeded notification i, created at second t: its id begins with t in milliseconds, as the
+# app's do (models.new_notification_id: time first, 32 characters), and its identifier names i.
+SQL_NOTIFICATION_ID = f"{padded('t * 1000', 13)} || 's' || {padded('i', 18)}"
+SQL_IDENTIFIER = f"'task-' || {padded('i', 12)}"
+
+
+def identifier(i):
+    """The idempotency key of seeded notification i (SQL_IDENTIFIER)."""
+    return "task-" + str(i).zfill(12)
 
 
 def fill_users(app, users):
@@ -174,16 +183,18 @@ def fill_deliveries(target, users, service_id, next_j):
         # SQLite: a 512 MiB page cache for this connection (closed after the fill) keeps the
         # index updates in memory; the default 2 MiB makes a 10^6 fill twice as slow.
         db.execute_sql("PRAGMA cache_size = -524288")
+    # Rows go in in the order of their times, as the app stores them.
     with db.atomic():
         run_sql(sequence() + """INSERT INTO "notification" (id, service_id, identifier, user_id,
                     channel, payload, prio, counts, created_at)
-                SELECT """ + SQL_NOTIFICATION_ID + """, ?, 'task-' || i, 1 + (i * 7919) % ?, ?,
+                SELECT """ + SQL_NOTIFICATION_ID + ", ?, " + SQL_IDENTIFIER + """,
+                    1 + (i * 7919) % ?, ?,
                     '{"type":"erp.task.activate","task":"160.000.' || i || '.01",'
                         || '"title":"Neues E-Rezept","body":"Ein E-Rezept liegt in Ihrer '
                         || 'Apotheke bereit. Bitte holen Sie es dort ab.",'
                         || '"prescriptions":' || (1 + i % 3) || '}',
-                    'high', '{"unread":' || (1 + i % 5) || '}', ? - (i * 104729) % ? - 300
-                FROM seq""",
+                    'high', '{"unread":' || (1 + i % 5) || '}', t
+                FROM (SELECT i, ? - (i * 104729) % ? - 300 AS t FROM seq) s ORDER BY t""",
                 next_j, last_j, service_id, users, NOTIFY_CHANNEL, now, HISTORY_DAYS * 86400)
         # One device in 97 has a gateway that refuses it: its deliveries failed for good.
         run_sql("""INSERT INTO "delivery" (notification_id, pusher_id, user_id, pushkey, state,
@@ -193,8 +204,9 @@ def fill_deliveries(target, users, service_id, next_j):
                     CASE WHEN p.id % 97 = 0 THEN 'gateway answered 400: {"error":"bad token"}'
                     END, n.created_at + 1, n.created_at
                 FROM "notification" n JOIN "pusher" p ON p.user_id = n.user_id
-                WHERE n.id >= ? AND n.id <= ? LIMIT ?""",
-                notification_id(next_j), notification_id(last_j), missing)
+                WHERE n.service_id = ? AND n.identifier >= ? AND n.identifier <= ?
+                ORDER BY n.created_at, p.id LIMIT ?""",
+                service_id, identifier(next_j), identifier(last_j), missing)
     return last_j + 1
 
 
@@ -258,7 +270,10 @@ def explain(sql, params):
         tables = {alias: table for table, alias in re.findall(r'"(\w+)" AS "(\w+)"', sql)}
         steps = tuple(re.sub(r"\w+", lambda m: tables.get(m.group(0), m.group(0)), row[3])
                       for row in rows)
-        if any(re.fullmatch(r"SCAN \w+", step) for step in steps):
+        # A subquery's rows kept aside ("MATERIALIZE h", then "SCAN h") are not a table.
+        materialized = {step.split()[1] for step in steps if step.startswith("MATERIALIZE ")}
+        if any(re.fullmatch(r"SCAN \w+", step) and step.split()[1] not in materialized
+               for step in steps):
             return "full scan", steps
         if any(re.match(r"SCAN \w+ USING (COVERING )?INDEX", step) for step in steps):
             return "index scan", steps

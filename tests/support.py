@@ -382,11 +382,12 @@ class Gateway:
     it reads the body as Sygnal does and passes on only the Matrix fields (``forwarded``: what
     reaches the phone). Elsewhere it is a gematik gateway of upstream-latest, checking every
     body against that YAML, or with ``seed_era`` one of the seed era: no batch endpoints
-    (404, or ``missing_status``), /notify bodies checked against the seed's YAML. A body that does not fit gets 400
-    "Invalid data format" and its reasons are kept in ``invalid`` (the ``gateway`` fixture
-    fails a test that leaves any). Bodies over ``max_bytes`` get 413; batches of more than
-    ``max_items`` get 400 "Batch size exceeds maximum limit", naming ``max_batch_size`` when
-    ``tell_max_items``. With ``tls`` (a server-side ssl.SSLContext) it serves https.
+    (404, or ``missing_status``), /notify bodies checked against the seed's YAML. A body that
+    does not fit gets 400 "Invalid data format" and its reasons are kept in ``invalid`` (the
+    ``gateway`` fixture fails a test that leaves any). Bodies over ``max_bytes`` get 413;
+    batches of more than ``max_items`` get 400 "Batch size exceeds maximum limit", naming
+    ``max_batch_size`` when ``tell_max_items``. With ``tls`` (a server-side ssl.SSLContext) it
+    serves https.
     """
 
     def __init__(self, port=0, tls=None, seed_era=False, missing_status=404):

@@ -62,7 +62,7 @@ def test_the_suite_never_inherits_push_variables_from_the_shell():
          "tests/test_storage.py"], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout
+    assert re.search(r"^\d+ passed in ", result.stdout, re.MULTILINE), result.stdout  # no skips
 
 
 def test_the_suite_runs_on_the_engine_it_was_asked_for(app, request):

@@ -13,6 +13,7 @@ from support import (ISS, Api, drain, encryption, envelope, fetch, phone_decrypt
                      stored_bytes, this_month)
 
 import delivery
+import models
 from gateway import address_allowed
 from models import ChannelState, Delivery, EncryptionKey, Notification, Pusher, db, purge_history
 
@@ -559,6 +560,34 @@ def test_device_history_takes_pushkeys_with_slashes(api, client, setup, service,
         assert [m["identifier"] for m in got["messages"]] == [created]
 
 
+def test_device_history_is_the_newest_limit_once_each(make_api, setup, service, register,
+                                                      gateway):
+    """Newest first, at most HISTORY_LIMIT, and a notification that reached the device through
+    two of its pushers (two apps, one pushkey) once."""
+    api = make_api(HISTORY_LIMIT=3)
+    register(setup, "phone-1", url=gateway.url(), app_id="com.example.one")
+    register(setup, "phone-1", url=gateway.url(), app_id="com.example.two")
+    sent = []
+    for n in range(5):
+        response = api.send(service, payload={"n": n})
+        assert response.get_json()["deliveries"] == 2
+        sent.append(response.get_json()["notification_id"])
+    got = api.client.get("/push/v1/history/device/phone-1", headers=setup).get_json()
+    assert got == {"messages": [{"identifier": sent[n], "payload": {"n": n}}
+                                for n in (4, 3, 2)]}
+
+
+def test_notification_ids_begin_with_their_time(api, setup, service, register, gateway):
+    """32 hex digits, the first 12 the milliseconds of their creation: later ones sort later."""
+    register(setup, "phone-1", url=gateway.url())
+    before = int(time.time() * 1000)
+    ids = [api.send(service, payload={"n": n}).get_json()["notification_id"] for n in range(8)]
+    after = int(time.time() * 1000)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(before <= int(i[:12], 16) <= after for i in ids)
+    assert sorted(ids) == ids
+
+
 def test_old_notifications_are_purged(api, app, client, setup, service, register, gateway, worker):
     register(setup, "phone-1", url=gateway.url())
     old = api.send(service).get_json()["notification_id"]
@@ -571,6 +600,31 @@ def test_old_notifications_are_purged(api, app, client, setup, service, register
         assert purge_history(app.config["HISTORY_DAYS"]) == 1
     assert client.get(f"/push/v1/history/{old}", headers=setup).status_code == 404
     assert client.get(f"/push/v1/history/{new}", headers=setup).status_code == 200
+
+
+def test_the_purge_goes_oldest_first_in_batches_and_keeps_what_is_still_to_send(
+        api, app, setup, service, register, gateway, worker, monkeypatch):
+    register(setup, "phone-1", url=gateway.url())
+    old = [api.send(service, payload={"n": n}).get_json()["notification_id"] for n in range(5)]
+    new = api.send(service, payload={"n": "new"}).get_json()["notification_id"]
+    drain(app, worker)
+    waiting = api.send(service, payload={"n": "waiting"}).get_json()["notification_id"]
+    statements = []
+    monkeypatch.setattr(models, "PURGE_BATCH", 2)
+    with app.app_context():
+        db.connect(reuse_if_open=True)
+        for age, notification_id in enumerate([waiting, *old]):  # the waiting one the oldest
+            Notification.update(created_at=time.time() - (40 - age) * 86400).where(
+                Notification.id == notification_id).execute()
+        db.obj.query_hooks.append(lambda event: statements.append(event.sql))
+        try:
+            assert purge_history(app.config["HISTORY_DAYS"]) == 5
+        finally:
+            db.obj.query_hooks.clear()
+        left = [n.id for n in Notification.select().order_by(Notification.created_at)]
+    assert left == [waiting, new]
+    # Two at a time, each batch (of two, two, then one) in a transaction of its own.
+    assert len([sql for sql in statements if sql.startswith("DELETE FROM notification")]) == 3
 
 
 def test_deliveries_command_reports_counts(app, api, runner, setup, service, register,

@@ -9,7 +9,7 @@ import logging
 import pytest
 from support import SEED_ERA, assert_error, pusher_body
 
-from models import Pusher
+from models import db
 
 pytestmark = pytest.mark.client_api
 
@@ -138,11 +138,14 @@ def test_unexpected_exception_in_a_route_is_500_unknown_without_traceback(make_a
 def test_unexpected_database_failure_is_500_unknown(make_app, paths, alice, monkeypatch,
                                                     caplog):
     client = make_app(TESTING=False).test_client()
+    execute_sql = db.obj.execute_sql
 
-    def broken(cls, *args, **kwargs):
-        raise RuntimeError("disk on fire")
+    def broken(sql, params=None):
+        if "pusher" in sql:  # every statement on the pushers fails; the token lookup works
+            raise RuntimeError("disk on fire")
+        return execute_sql(sql, params)
 
-    monkeypatch.setattr(Pusher, "select", classmethod(broken))
+    monkeypatch.setattr(db.obj, "execute_sql", broken)
     with caplog.at_level(logging.ERROR):
         response = client.get(paths.pushers, headers=alice)
     assert_error(response, 500, "M_UNKNOWN")

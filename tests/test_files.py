@@ -1,6 +1,7 @@
-"""The files of the instance folder are the owner's alone: the database with its WAL and
-lock files are created 0600 whatever the umask, the folder 0700 when we make it, and the
-operator is warned at start about a folder, database or server key others can read."""
+"""The files of the instance folder are the owner's alone: the database with its WAL, its
+writer lock and the other lock files are created 0600 whatever the umask, the folder 0700 when
+we make it, and the operator is warned at start about a folder, database or server key others
+can read."""
 
 import logging
 import os
@@ -33,8 +34,8 @@ def test_database_wal_and_lock_files_are_created_0600(make_app, common_umask, tm
     assert mode(instance) == 0o700
     with app.app_context(), db.connection_context():
         Channel.create(id="erp.task")  # a write: the WAL and shared-memory files exist now
-        names = ["push.sqlite3", "push.sqlite3-wal", "push.sqlite3-shm", ".schema.lock",
-                 "server.key"]
+        names = ["push.sqlite3", "push.sqlite3-wal", "push.sqlite3-shm",
+                 "push.sqlite3-writer.lock", ".schema.lock", "server.key"]
         assert {name: mode(instance / name) for name in names} == dict.fromkeys(names, 0o600)
         assert sorted(os.listdir(instance)) == sorted(names)
 

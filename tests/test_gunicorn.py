@@ -161,3 +161,18 @@ def test_concurrent_clients_on_four_workers_lose_nothing(server, env):
     assert "Traceback" not in log, log
     assert all(os.path.exists(f"/proc/{pid}") for pid in booted), log  # no worker died
     assert server.worker_pids() == booted, log  # and none was replaced
+
+
+def test_a_revoked_token_is_refused_at_once_by_every_worker(server, env):
+    """The workers' threads keep their database connections between requests; the first
+    request after a revocation is refused by each of them all the same."""
+    token = cli_token(env, "users", "create", "mallory")
+
+    def wave():
+        with ThreadPoolExecutor(THREADS) as pool:  # at once: every worker, many threads
+            return list(pool.map(lambda _: call(server.port, "GET", "/push/v1/pushers",
+                                                token=token)[0], range(4 * THREADS)))
+
+    assert wave() == [200] * 4 * THREADS
+    cli(env, "users", "revoke", "mallory")
+    assert wave() == [401] * 4 * THREADS

@@ -32,19 +32,28 @@ def database(request, tmp_path):
 
 
 def describe(url):
-    """Every table's columns, indexes and foreign keys, as the database reports them."""
+    """Every table's columns, indexes (partial ones with their condition) and foreign keys, as
+    the database reports them."""
     database = open_database(url)
     database.connect()
     try:
         return {table: (
             sorted((c.name, c.data_type, c.null, c.primary_key)
                    for c in database.get_columns(table)),
-            sorted((i.name, tuple(i.columns), i.unique) for i in database.get_indexes(table)),
+            sorted((i.name, tuple(i.columns), i.unique, predicate(i.sql))
+                   for i in database.get_indexes(table)),
             sorted((f.column, f.dest_table, f.dest_column)
                    for f in database.get_foreign_keys(table)),
         ) for table in database.get_tables()}
     finally:
         database.close()
+
+
+def predicate(sql):
+    """The WHERE of a partial index's definition, without quotes, brackets and spaces (the
+    engines print it their own ways), or "" for a whole-table index."""
+    where = (sql or "").partition(" WHERE ")[2]
+    return "".join(char for char in where if char not in "\"'() ").lower()
 
 
 def new_schema(url, tmp_path):

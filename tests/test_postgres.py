@@ -357,3 +357,19 @@ def test_leases_of_this_hosts_dead_processes_are_released(pg_app):
         return released, [d.lease_owner for d in Delivery.select().order_by(Delivery.id)]
 
     assert in_db(pg_app, lease_and_release) == (1, [owners[0], None, owners[2]])
+
+
+def test_a_connection_the_server_dropped_is_replaced_before_the_next_request(pg_app, pg_url,
+                                                                             tmp_path):
+    """Threads keep their connection; after the server drops it (a restart), the next request
+    gets a new one instead of an error."""
+    alice = tokens(pg_app, "alice", services=())["alice"]
+    client = pg_app.test_client()
+    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    kept = db.connection()
+    dropped = query(push_env(tmp_path, DATABASE_URL=pg_url),
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    assert dropped == [(True,)]
+    assert client.get("/push/v1/pushers", headers=alice).status_code == 200
+    assert db.connection() is not kept
