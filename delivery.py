@@ -49,7 +49,7 @@ import threading
 import time
 import weakref
 from bisect import insort
-from collections import deque
+from collections import deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from hashlib import sha256
@@ -74,12 +74,14 @@ from gateway import (
 from models import (
     Delivery,
     EncryptionKey,
-    Notification,
     Pusher,
     db,
     delete_pusher,
+    marks,
     purge_audit,
     purge_history,
+    rows,
+    run,
     transaction,
 )
 
@@ -97,6 +99,42 @@ RECORD_WINDOW_SECONDS = 0.05
 #: Deliveries waiting for a slow gateway are held in memory up to this many claims' worth
 #: (PUSH_WORKER_CLAIM each); beyond it the worker claims nothing more until some have gone.
 HELD_CLAIMS = 10
+
+# The rows a worker reads for the deliveries it claimed, as named tuples with the models'
+# attribute names: read with plain SQL, since building thousands of model instances (and the
+# SQL of their ``IN`` lists) cost the stepping thread more than everything else it does.
+ClaimedDelivery = namedtuple(
+    "ClaimedDelivery", "id notification_id pusher_id pushkey attempts created_at")
+NotificationRow = namedtuple("NotificationRow", "id channel payload prio counts")
+PusherRow = namedtuple("PusherRow", "id app_id pushkey pushkey_ts data encryption_key_id")
+KeyRow = namedtuple("KeyRow", "id key_identifier period sealed")
+
+DUE = ("SELECT id FROM delivery WHERE state = 'pending' AND next_attempt_at <= ?"
+       " AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_attempt_at LIMIT ?")
+LEASE = "UPDATE delivery SET lease_owner = ?, lease_until = ? WHERE id IN ({})"
+CLAIMED = ("SELECT id, notification_id, pusher_id, pushkey, attempts, created_at FROM delivery"
+           " WHERE id IN ({}) ORDER BY next_attempt_at, id")
+NOTIFICATIONS = "SELECT id, channel, payload, prio, counts FROM notification WHERE id IN ({})"
+PUSHERS = ("SELECT id, app_id, pushkey, pushkey_ts, data, encryption_key_id FROM pusher"
+           " WHERE id IN ({})")
+KEYS = "SELECT id, key_identifier, period, sealed FROM encryptionkey WHERE id IN ({})"
+DELIVERED = ("UPDATE delivery SET state = 'delivered', attempts = attempts + 1,"
+             " lease_owner = NULL, lease_until = NULL, last_error = NULL, finished_at = ?"
+             " WHERE lease_owner = ? AND id IN ({})")
+#: Ids per ``IN`` list (SQLite allows 32,766 parameters; shorter statements plan faster).
+IN_CHUNK = 500
+
+
+def rows_in(statement, ids, *params):
+    """Every row of ``statement`` (``{}`` for an ``IN`` list, after ``params``) for ``ids``,
+    read IN_CHUNK ids at a time."""
+    ids = list(ids)
+    found = []
+    for start in range(0, len(ids), IN_CHUNK):
+        chunk = ids[start:start + IN_CHUNK]
+        found += rows(statement.format(marks(len(chunk))), *params, *chunk)
+    return found
+
 
 _listeners = weakref.WeakSet()  # the ``ready`` events of this process's workers
 _listeners_lock = threading.Lock()
@@ -313,6 +351,7 @@ class Worker:
         with _listeners_lock:
             _listeners.add(self.ready)
         self.last_purge = 0.0
+        self.checked_urls = {}  # gateway URL -> why it is not allowed, or None (request_for)
 
     def run_once(self):
         """Claim what is due, send it and wait until every outcome is written; return how many
@@ -347,10 +386,10 @@ class Worker:
         waits for a slow gateway (one that frees slots every moment is worked through first)."""
         if self.in_flight >= self.threads:
             return False
-        held = sum(len(job.items) for jobs in self.waiting.values() for job, _ in jobs)
-        if held >= HELD_CLAIMS * self.config["WORKER_CLAIM"]:
+        if not all(self.throttle.slow(host) for host in self.waiting):
             return False
-        return all(self.throttle.slow(host) for host in self.waiting)
+        held = sum(len(job.items) for jobs in self.waiting.values() for job, _ in jobs)
+        return held < HELD_CLAIMS * self.config["WORKER_CLAIM"]
 
     def wait_time(self, poll):
         """How long the loop may sleep: until the poll interval, the moment outcomes are due to
@@ -367,26 +406,18 @@ class Worker:
     def claim(self):
         """Lease up to WORKER_CLAIM due deliveries to this worker; return their ids."""
         current = time.time()
-        due = (Delivery.select(Delivery.id)
-               .where((Delivery.state == "pending") & (Delivery.next_attempt_at <= current)
-                      & (Delivery.lease_until.is_null() | (Delivery.lease_until < current)))
-               .order_by(Delivery.next_attempt_at)
-               .limit(self.config["WORKER_CLAIM"]))
-        if not isinstance(db.obj, SqliteDatabase):
-            due = due.for_update("FOR UPDATE SKIP LOCKED")
+        due = DUE if isinstance(db.obj, SqliteDatabase) else DUE + " FOR UPDATE SKIP LOCKED"
         with transaction():
-            ids = [row.id for row in due]
+            ids = [row[0] for row in rows(due, current, current, self.config["WORKER_CLAIM"])]
             if ids:
-                (Delivery.update(lease_owner=self.owner,
-                                 lease_until=current + self.config["DELIVERY_LEASE_SECONDS"])
-                 .where(Delivery.id.in_(ids)).execute())
+                run(LEASE.format(marks(len(ids))), self.owner,
+                    current + self.config["DELIVERY_LEASE_SECONDS"], *ids)
         return ids
 
     def queue(self, ids, start_by):
         """Build the requests for claimed deliveries and line them up by gateway host; those
         for a paused host go back untried, due when its pause ends."""
-        deliveries = list(Delivery.select().where(Delivery.id.in_(ids))
-                          .order_by(Delivery.next_attempt_at, Delivery.id))  # oldest first
+        deliveries = [ClaimedDelivery(*row) for row in rows_in(CLAIMED, ids)]  # oldest first
         unsendable, paused = [], {}
         for job in self.build_jobs(deliveries, unsendable):
             until = self.throttle.paused_until(job.host)
@@ -402,10 +433,10 @@ class Worker:
 
     def build_jobs(self, deliveries, outcomes):
         """Group deliveries into gateway requests; unsendable ones go straight to outcomes."""
-        notifications = {n.id: n for n in Notification.select().where(
-            Notification.id.in_({d.notification_id for d in deliveries}))}
-        pushers = {p.id: p for p in Pusher.select().where(
-            Pusher.id.in_({d.pusher_id for d in deliveries if d.pusher_id}))}
+        notifications = {row[0]: NotificationRow(*row) for row in rows_in(
+            NOTIFICATIONS, {d.notification_id for d in deliveries})}
+        pushers = {row[0]: PusherRow(*row) for row in rows_in(
+            PUSHERS, {d.pusher_id for d in deliveries if d.pusher_id})}
         generations = self.generations_for(
             {p.encryption_key_id for p in pushers.values() if p.encryption_key_id is not None},
             current_period())
@@ -416,7 +447,8 @@ class Worker:
                 outcomes.append(Outcome(d, "failed", "pusher removed before delivery"))
                 continue
             try:
-                request = request_for(pusher, notifications[d.notification_id], generations)
+                request = request_for(pusher, notifications[d.notification_id], generations,
+                                      self.checked_urls)
             except Unsendable as e:
                 outcomes.append(Outcome(d, "failed", str(e)))
                 continue
@@ -434,7 +466,7 @@ class Worker:
         transaction; a key another worker moved meanwhile is read again.
         """
         found, behind = {}, []
-        keys = list(EncryptionKey.select().where(EncryptionKey.id.in_(key_ids))) if key_ids else []
+        keys = [KeyRow(*row) for row in rows_in(KEYS, key_ids)]
         while keys:
             for key in keys:
                 try:
@@ -456,7 +488,7 @@ class Worker:
                         else:
                             moved.append(key.id)
             behind = []
-            keys = list(EncryptionKey.select().where(EncryptionKey.id.in_(moved))) if moved else []
+            keys = [KeyRow(*row) for row in rows_in(KEYS, moved)]
         return found
 
     def store_generation(self, key, newer):
@@ -577,13 +609,9 @@ class Worker:
         plain = [o.delivery.id for o in outcomes
                  if o.result == "delivered" and not o.pushkey_rejected]
         with transaction():
-            for start in range(0, len(plain), 500):
-                (Delivery.update(state="delivered", attempts=Delivery.attempts + 1,
-                                 lease_owner=None, lease_until=None, last_error=None,
-                                 finished_at=current)
-                 .where(Delivery.id.in_(plain[start:start + 500])
-                        & (Delivery.lease_owner == self.owner))
-                 .execute())
+            for start in range(0, len(plain), IN_CHUNK):
+                chunk = plain[start:start + IN_CHUNK]
+                run(DELIVERED.format(marks(len(chunk))), current, self.owner, *chunk)
             metrics.delivery_outcome("delivered", len(plain))
             for outcome in outcomes:
                 if outcome.result == "delivered" and not outcome.pushkey_rejected:

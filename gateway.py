@@ -13,25 +13,23 @@ user or a request chose. Everything here is a plain function or a small class th
 call directly, without a worker.
 """
 
+import functools
 import heapq
+import http.client
 import ipaddress
 import itertools
 import json
 import re
+import select
 import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-import urllib3
 from marshmallow import ValidationError
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
-from urllib3.util import connection as urllib3_connection
-from urllib3.util.ssl_ import create_urllib3_context
 
 import crypto
 from schemas import check_gateway_url
@@ -43,6 +41,11 @@ BATCH_TOO_LARGE = "Batch size exceeds maximum limit"
 MATRIX_NOTIFY = "/_matrix/push/v1/notify"
 GEMATIK_NOTIFY = "/push/v1/notify"
 USER_AGENT = "push-service/1.0"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Gateway URLs whose verdict a worker remembers (``request_for``); more, and it starts afresh.
+CHECKED_URLS = 10000
+#: Gateway origins whose idle connections are kept (those used longest ago go first).
+MAX_ORIGINS = 64
 
 #: How long a worker remembers what a gateway's answers taught it (``GatewayMemory``): an hour
 #: costs a gateway that stays as it was one request an hour per worker to find out again, and
@@ -156,17 +159,30 @@ def device_of(pusher, data):
             "data": {k: v for k, v in data.items() if k != "url"}, "tweaks": {}}
 
 
-def request_for(pusher, notification, generations):
+def request_for(pusher, notification, generations, checked=None):
     """The Request for one delivery: what its gateway URL gets (SPEC section 5).
 
     ``generations`` maps an encryption key id to (key_identifier, this month's generation).
+    The URL is checked against the operator's rules again (they may have changed since the
+    pusher was registered); ``checked``, a dict, remembers each URL's verdict for the next
+    delivery to it (a worker keeps one: the rules change only with a restart).
     """
     data = json.loads(pusher.data)
     url = data.get("url", "")
-    try:
-        check_gateway_url(url)
-    except ValidationError as e:
-        raise Unsendable(f"gateway URL not allowed: {e.messages}") from e
+    if checked is None or url not in checked:
+        problem = None
+        try:
+            check_gateway_url(url)
+        except ValidationError as e:
+            problem = f"gateway URL not allowed: {e.messages}"
+        if checked is not None:
+            if len(checked) >= CHECKED_URLS:
+                checked.clear()
+            checked[url] = problem
+    else:
+        problem = checked[url]
+    if problem is not None:
+        raise Unsendable(problem)
     device = device_of(pusher, data)
     common = {"prio": notification.prio}
     if notification.counts:
@@ -259,7 +275,7 @@ class Job:
     def deliveries(self):
         return [d for d, _ in self.items]
 
-    @property
+    @functools.cached_property
     def host(self):
         """The gateway's host and port, for logs (escaped: the URL came from a user)."""
         return log_safe(self.url.split("/")[2]) if "//" in self.url else "?"
@@ -440,93 +456,132 @@ def address_allowed(ip):
     return ip.is_global and not ip.is_multicast
 
 
-def guarded(connection_cls, allow_private, watch):
-    """A urllib3 connection class that checks the resolved address before connecting and
-    hands every socket it uses to ``watch`` (the current request's deadline)."""
-
-    class Guarded(connection_cls):
-        def _new_conn(self):
-            try:
-                infos = socket.getaddrinfo(self._dns_host, self.port, type=socket.SOCK_STREAM)
-            except socket.gaierror as e:
-                raise NameResolutionError(self.host, self, e) from e
-            addresses = [info[4][0] for info in infos]
-            if not allow_private:
-                addresses = [a for a in addresses if address_allowed(a)]
-                if not addresses:
-                    raise BlockedAddress(f"{self.host} resolves only to non-public addresses")
-            try:
-                sock = urllib3_connection.create_connection(
-                    (addresses[0], self.port), self.timeout, socket_options=self.socket_options)
-            except socket.timeout as e:
-                raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from e
-            except OSError as e:
-                raise NewConnectionError(self, f"Failed to connect: {e}") from e
-            watch(sock)  # before any TLS handshake: a slow one counts too
-            return sock
-
-        def request(self, *args, **kwargs):
-            """Send a request; a pooled connection used again goes under its deadline."""
-            if self.sock is not None:
-                watch(self.sock)
-            return super().request(*args, **kwargs)
-
-    return Guarded
-
-
-class Deadline:
-    """The time limit of one request: when it is up, the request's sockets are shut down, so
-    whatever read or write is under way ends at once."""
-
-    def __init__(self, at):
-        self.at = at
-        self.lock = threading.Lock()
-        self.copies = {}  # watched socket's descriptor -> a duplicate of it, ours to close
-        self.expired = False
-        self.finished = False
-
-    def watch(self, sock):
-        """Shut ``sock`` down when the time is up (at once if it is up already)."""
-        with self.lock:
-            if self.finished or sock.fileno() in self.copies:
-                return
-            # A duplicate descriptor of the same connection: it stays valid when urllib3 wraps
-            # the socket for TLS (which detaches the original) and is never one that a closed
-            # and reused descriptor number could point at.
-            copy = socket.fromfd(sock.fileno(), sock.family, sock.type)
-            self.copies[sock.fileno()] = copy
-            if self.expired:
-                shut_down(copy)
-
-    def expire(self):
-        """The time is up: shut down every socket of the request, unless it has finished."""
-        with self.lock:
-            if not self.finished:
-                self.expired = True
-                for copy in self.copies.values():
-                    shut_down(copy)
-
-    def finish(self):
-        """The request is over: nothing is shut down after this. Returns whether it expired."""
-        with self.lock:
-            self.finished = True
-            for copy in self.copies.values():
-                copy.close()
-            self.copies.clear()
-            return self.expired
+def open_socket(host, port, timeout, allow_private):
+    """A TCP connection to ``host``: its first address that we may connect to (public unicast
+    only, unless the operator allows private gateways), checked after resolution so that a
+    name cannot point a request somewhere a URL check let through."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = [info[4][0] for info in infos]
+    if not allow_private:
+        addresses = [a for a in addresses if address_allowed(a)]
+        if not addresses:
+            raise BlockedAddress(f"{host} resolves only to non-public addresses")
+    sock = socket.create_connection((addresses[0], port), timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def shut_down(sock):
-    """Shut a connection down both ways; a socket already gone is fine."""
+    """Shut a connection down both ways; a socket already closed is fine.
+
+    The plain socket's shutdown, also for a TLS socket (``SSLSocket.shutdown`` would drop its
+    TLS state under the thread reading from it). A closed socket object has no descriptor any
+    more, so this never reaches a descriptor number that was closed and handed to another
+    connection meanwhile.
+    """
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
 
+class GatewayConnection(http.client.HTTPConnection):
+    """One keep-alive connection to a gateway (http, or https with ``tls``), made by
+    ``open_socket``, under the deadline of the request it carries.
+
+    The standard library's HTTP/1.1 client reads the answer (status line, at most 100
+    headers, Content-Length or chunked framing); what this adds is where it connects, the
+    TLS handshake done after the socket is under the deadline, and ``cut``: shutting the
+    socket down from the watchdog thread, whatever the request's thread is doing with it.
+    """
+
+    def __init__(self, origin, timeouts, tls, allow_private):
+        scheme, host, port = origin
+        super().__init__(host, port, timeout=timeouts[1])
+        self.origin = origin
+        self.connect_timeout = timeouts[0]
+        self.tls = tls
+        self.allow_private = allow_private
+        self.lock = threading.Lock()
+        self.deadline = None  # the Deadline of the request under way
+        self.cuttable = None  # the socket a cut shuts down
+
+    def connect(self):
+        sock = open_socket(self.host, self.port, self.connect_timeout, self.allow_private)
+        sock.settimeout(self.timeout)  # the read timeout from here on, handshake included
+        self.adopt(sock)
+        if self.tls is not None:
+            self.adopt(self.tls.wrap_socket(sock, server_hostname=self.host,
+                                            do_handshake_on_connect=False))
+            self.sock.do_handshake()
+
+    def adopt(self, sock):
+        """Carry on over ``sock``; if the deadline has passed meanwhile, it is cut at once.
+
+        ``cuttable`` keeps the socket also after ``http.client`` lets go of it for an answer
+        that ends when the gateway closes the connection (the answer still reads from it).
+        """
+        with self.lock:
+            self.sock = self.cuttable = sock
+            if self.deadline is not None and self.deadline.expired:
+                shut_down(sock)
+
+    def cut(self):
+        """Shut the connection down: a connect, handshake, write or read under way ends."""
+        with self.lock:
+            if self.cuttable is not None:
+                shut_down(self.cuttable)
+
+    def dropped(self):
+        """Whether an idle connection cannot carry another request: the gateway closed it
+        (or sent something nobody asked for)."""
+        return self.sock is None or bool(select.select([self.sock], [], [], 0)[0])
+
+
+class Deadline:
+    """The time limit of one request: when it is up, the request's connection is cut, so
+    whatever read or write is under way ends at once."""
+
+    __slots__ = ("at", "lock", "connection", "expired", "finished")
+
+    def __init__(self, at):
+        self.at = at
+        self.lock = threading.Lock()
+        self.connection = None
+        self.expired = False
+        self.finished = False
+
+    def watch(self, connection):
+        """Cut ``connection`` when the time is up."""
+        with self.lock:
+            self.connection = connection
+            connection.deadline = self
+
+    def expire(self):
+        """The time is up: cut the request's connection, unless the request has finished."""
+        with self.lock:
+            if not self.finished:
+                self.expired = True
+                if self.connection is not None:
+                    self.connection.cut()
+
+    def finish(self):
+        """The request is over: nothing is cut after this. Returns whether it expired."""
+        with self.lock:
+            self.finished = True
+            if self.connection is not None:
+                self.connection.deadline = None
+            return self.expired
+
+
 class Watchdog:
     """One thread that expires deadlines when their time is up, for all requests of a client
-    (a timer thread per request would cost a thread start per request)."""
+    (a timer thread per request would cost a thread start per request).
+
+    It wakes when the earliest deadline is due, and then also drops the deadlines of finished
+    requests from the front of its heap: a thousand requests a second cost it no thousand
+    wake-ups, and the heap holds about the requests under way.
+    """
 
     def __init__(self):
         self.condition = threading.Condition()
@@ -554,12 +609,12 @@ class Watchdog:
         with self.condition:
             while not self.closed:
                 current = time.monotonic()
-                while self.heap and self.heap[0][0] <= current:
+                while self.heap and (self.heap[0][0] <= current or self.heap[0][2].finished):
                     heapq.heappop(self.heap)[2].expire()  # a finished one ignores this
                 self.condition.wait(self.heap[0][0] - current if self.heap else None)
 
     def close(self):
-        """Stop the thread (requests still under way keep their sockets)."""
+        """Stop the thread (requests still under way keep their connections)."""
         with self.condition:
             self.closed = True
             self.condition.notify()
@@ -567,29 +622,17 @@ class Watchdog:
             self.thread.join()
 
 
-def certificate_error(error):
-    """The certificate verification failure behind a urllib3 error, if that is what it is."""
-    for _ in range(5):  # urllib3 nests it in args or chains it; a few levels at most
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return error
-        nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
-        error = nested[0] if nested else error.__cause__ or error.__context__
-        if error is None:
-            return None
-    return None
-
-
 def tls_context(config):
     """The TLS context of gateway requests: the system CAs and ``PUSH_GATEWAY_CA_BUNDLE``
-    trusted, the client certificate of ``PUSH_GATEWAY_CLIENT_CERT`` (its key in
+    trusted, TLS 1.2 at least, the client certificate of ``PUSH_GATEWAY_CLIENT_CERT`` (its key in
     ``PUSH_GATEWAY_CLIENT_KEY`` or in the same file) presented: mutual TLS.
 
     Raises RuntimeError naming the setting when a file is missing, cannot be read, holds no
     usable PEM, or the key does not belong to the certificate (``create_app`` builds one at
     start for that: such a mistake stops the start, not the first send).
     """
-    context = create_urllib3_context()
-    context.load_default_certs()  # urllib3 does so only for contexts it makes itself
+    context = ssl.create_default_context()  # system CAs; certificate and host name checked
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     bundle, cert, key = (readable_file(config, name) for name in (
         "GATEWAY_CA_BUNDLE", "GATEWAY_CLIENT_CERT", "GATEWAY_CLIENT_KEY"))
     if bundle:
@@ -634,81 +677,126 @@ def refuse_password():
                        " (in a file only the server's user can read)")
 
 
-class GatewayClient:
-    """POSTs JSON to gateways: pooled connections, no redirects, capped responses, and a
-    deadline on the whole exchange.
 
-    The connect and read timeouts of urllib3 bound each socket operation; a gateway that
-    trickles its answer a byte at a time never trips them. So each request also gets a total
-    deadline of connect + read timeout, kept by a watchdog thread that shuts the request's
-    socket down when it passes (whether it is connecting, in a TLS handshake, sending, or
-    reading headers or body). Name resolution is left to the system resolver and its own
-    timeouts; the deadline covers everything from the first connection attempt on. TLS
-    trusts the system CAs and the operator's bundle, and presents the operator's client
-    certificate, if any (``tls_context``).
+
+class GatewayClient:
+    """POSTs JSON to gateways: keep-alive connections kept per origin, no redirects, capped
+    answers, and a deadline on the whole exchange.
+
+    The standard library's ``http.client`` speaks HTTP/1.1 (a client follows no redirect
+    unless it is told to; this one never is). Its timeouts bound each socket operation, so a
+    gateway that trickles its answer a byte at a time never trips them: each request also gets
+    a total deadline of connect + read timeout, kept by a watchdog thread that cuts the
+    request's connection when it passes (whether it is connecting, in a TLS handshake,
+    sending, or reading headers or body). Name resolution is left to the system resolver and
+    its own timeouts. A connection goes back for the next request to its origin only after a
+    complete answer in time that did not ask to close it; at most ``pool_size`` idle ones per
+    origin, for the ``MAX_ORIGINS`` origins used last. TLS trusts the system CAs and the
+    operator's bundle, and presents the operator's client certificate, if any
+    (``tls_context``).
     """
 
     HEADERS = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
 
     def __init__(self, config, pool_size):
-        allow_private = config["ALLOW_PRIVATE_GATEWAYS"]
-        self.timeout = urllib3.Timeout(connect=config["GATEWAY_CONNECT_TIMEOUT"],
-                                       read=config["GATEWAY_READ_TIMEOUT"])
-        self.total = config["GATEWAY_CONNECT_TIMEOUT"] + config["GATEWAY_READ_TIMEOUT"]
+        self.allow_private = config["ALLOW_PRIVATE_GATEWAYS"]
+        self.timeouts = (config["GATEWAY_CONNECT_TIMEOUT"], config["GATEWAY_READ_TIMEOUT"])
+        self.total = sum(self.timeouts)
         self.max_response = config["GATEWAY_MAX_RESPONSE_BYTES"]
+        self.pool_size = pool_size
+        self.tls = tls_context(config)
         self.watchdog = Watchdog()
-        self.current = threading.local()  # the deadline of this thread's request
-        self.pools = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False,
-                                         ssl_context=tls_context(config))
-        http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {
-            "ConnectionCls": guarded(HTTPConnection, allow_private, self.watch)})
-        https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,), {
-            "ConnectionCls": guarded(HTTPSConnection, allow_private, self.watch)})
-        self.pools.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
-
-    def watch(self, sock):
-        """Put ``sock`` under the deadline of the request this thread is making."""
-        self.current.deadline.watch(sock)
+        self.lock = threading.Lock()
+        self.idle = OrderedDict()  # origin -> [idle GatewayConnection]; used last at the end
 
     def post(self, url, body):
         """Return (status, parsed JSON or None, Retry-After header or None).
 
         Raises DeadlineExceeded when the whole exchange outlasts connect + read timeout,
-        CertificateFailure when the gateway's certificate does not verify, and urllib3's
-        errors on other network trouble.
+        CertificateFailure when the gateway's certificate does not verify, BlockedAddress for
+        a host that resolves only to addresses we may not connect to, and OSError or
+        ``http.client.HTTPException`` on other network trouble.
         """
-        deadline = self.current.deadline = self.watchdog.start(self.total)
+        origin, target = origin_of(url)
+        connection = self.connection(origin)
+        deadline = self.watchdog.start(self.total)
+        deadline.watch(connection)
         response, data, error = None, b"", None
         try:
-            # headers= replaces the pool's headers for this request, so every header goes here.
-            response = self.pools.request(
-                "POST", url, body=encode(body),
-                headers=self.HEADERS, redirect=False, retries=False, timeout=self.timeout,
-                preload_content=False)
+            connection.request("POST", target, body=encode(body), headers=self.HEADERS)
+            response = connection.getresponse()
             data = response.read(self.max_response + 1)
         except Exception as e:
             error = e
-        finally:
-            expired = deadline.finish()  # before the connection can go back to the pool
-            self.current.deadline = None
+        expired = deadline.finish()  # before the connection can go back to the pool
+        if error or expired or not response.isclosed() or connection.sock is None:
             if response is not None:
-                if error or expired or len(data) > self.max_response:
-                    response.close()  # broken off, late or too long: never reused
-                response.release_conn()
+                response.close()  # broken off, late, too long, or the gateway closes it
+            connection.close()
+        else:
+            self.keep(connection)
         if expired:
             raise DeadlineExceeded(f"no complete answer within the {self.total:g} s deadline"
                                    " (connect + read timeout)") from error
+        if isinstance(error, ssl.SSLCertVerificationError):
+            raise CertificateFailure(str(error)) from error
         if error is not None:
-            if certificate_error(error) is not None:
-                raise CertificateFailure(str(certificate_error(error))) from error
             raise error
         try:
             parsed = json.loads(data) if data and len(data) <= self.max_response else None
         except ValueError:
             parsed = None
-        return response.status, parsed, response.headers.get("Retry-After")
+        return response.status, parsed, response.getheader("Retry-After")
+
+    def connection(self, origin):
+        """An idle connection to ``origin`` that is still open, or a new one (it connects
+        when the request goes out, under the request's deadline)."""
+        while True:
+            with self.lock:
+                kept = self.idle.get(origin)
+                connection = kept.pop() if kept else None
+            if connection is None:
+                tls = self.tls if origin[0] == "https" else None
+                return GatewayConnection(origin, self.timeouts, tls, self.allow_private)
+            if not connection.dropped():
+                return connection
+            connection.close()
+
+    def keep(self, connection):
+        """Keep a connection whose exchange ended cleanly for the next request to its origin."""
+        surplus = []
+        with self.lock:
+            kept = self.idle.setdefault(connection.origin, [])
+            self.idle.move_to_end(connection.origin)
+            if len(kept) < self.pool_size:
+                kept.append(connection)
+            else:
+                surplus.append(connection)
+            while len(self.idle) > MAX_ORIGINS:
+                surplus += self.idle.popitem(last=False)[1]
+        for extra in surplus:
+            extra.close()
+
+    def idle_connections(self, url):
+        """How many open connections are kept for ``url``'s origin."""
+        with self.lock:
+            return len(self.idle.get(origin_of(url)[0], ()))
 
     def close(self):
-        """Close every pooled connection and stop the watchdog."""
-        self.pools.clear()
+        """Close every kept connection and stop the watchdog."""
+        with self.lock:
+            kept = [c for connections in self.idle.values() for c in connections]
+            self.idle.clear()
+        for connection in kept:
+            connection.close()
         self.watchdog.close()
+
+
+def origin_of(url):
+    """((scheme, host, port), request target) of a gateway URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise ValueError("not an http or https URL with a host")
+    port = parts.port or DEFAULT_PORTS[parts.scheme]
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (parts.scheme, parts.hostname, port), target

@@ -5,21 +5,25 @@ never asserted in a test). For each size N and gateway style it:
 
 1. builds a fresh app on a temporary instance folder (``create_app(config, instance_path=tmp)``),
    creates a user, a service token and an enabled-by-default channel with the CLI runner;
-2. registers N encrypted pushers (own key_identifier, random iss each) and times that apart;
+2. registers N encrypted pushers (own key_identifier, random iss each) and times that apart
+   (``--cache DIR`` keeps the registered instance folder and starts later runs from a copy);
 3. POSTs one notification through the sender API (test client) and times the 202 (enqueue);
-4. runs ``delivery.Worker(app).run_once()`` until ``delivery.stats()["pending"] == 0`` against a
-   loopback gateway and times that (delivery).
+4. delivers: by default a worker loops as in a server process (``Worker.run`` in a thread)
+   until every delivery has its outcome written; ``--drive rounds`` calls
+   ``Worker.run_once()`` until nothing is pending, as the tests do.
 
-The gateway runs in its own processes (ThreadingHTTPServer, HTTP/1.1 keep-alive, one shared
-listening socket) so it is not the bottleneck; its request count and CPU time are printed.
-Each case runs in a fresh subprocess, so "peak RSS" is that case's own peak.
+The gateway runs in its own processes (asyncio, HTTP/1.1 keep-alive, one shared listening
+socket): its connections, requests and CPU time are printed, so a lost keep-alive or a gateway
+that is the bottleneck shows. Each case runs in a fresh subprocess, so "peak RSS" is that
+case's own peak.
 
     .venv/bin/python bench/fanout.py                       # 1,000 and 10,000; single and batch
-    .venv/bin/python bench/fanout.py --sizes 1000 --styles single --threads 8
+    .venv/bin/python bench/fanout.py --sizes 10000 --repeat 3 --cache /tmp/fanout-cache
     .venv/bin/python bench/fanout.py --sizes 10000 --styles single --profile /tmp/prof
 """
 
 import argparse
+import asyncio
 import json
 import math
 import multiprocessing
@@ -27,14 +31,16 @@ import os
 import platform
 import resource
 import secrets
+import shutil
 import socket
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STYLES = {
@@ -45,6 +51,9 @@ CHANNEL = "bench.fanout"
 APP_ID = "com.example.bench"
 PAYLOAD = {"title": "Benchmark", "body": "A new prescription is ready for you. " * 3,
            "task": "160.000.000.000.000.01"}
+#: The worker's methods whose wall time is split out ("phases"); the rest of the stepping
+#: thread's time is spent waiting for the sending threads.
+PHASES = ("claim", "queue", "build_jobs", "record", "start_waiting", "collect")
 
 
 # --- machine -------------------------------------------------------------------------------
@@ -55,11 +64,8 @@ def machine():
     model = "?"
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
+            model = next(line for line in f if line.startswith("model name")).split(":")[1]
+    except (OSError, StopIteration):
         pass
     memory = "?"
     try:
@@ -68,19 +74,17 @@ def machine():
             memory = f"{kib / 1024 / 1024:.1f} GiB"
     except (OSError, StopIteration, ValueError):
         pass
-    import sqlite3
+    from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("flask", "peewee", "urllib3", "cryptography"):
+    for name in ("flask", "peewee", "cryptography"):
         try:
-            from importlib.metadata import version
-
             versions[name] = version(name)
-        except Exception:
+        except PackageNotFoundError:
             versions[name] = "?"
     return [
         ("nproc", f"{len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()})"),
-        ("cpu", model),
+        ("cpu", model.strip()),
         ("memory", memory),
         ("python", f"{platform.python_version()} ({platform.python_implementation()})"),
         ("os", platform.platform()),
@@ -94,51 +98,66 @@ def machine():
 # --- the loopback gateway ------------------------------------------------------------------
 
 SINGLE_ANSWER = b'{"rejected":[]}'
+#: Counters per gateway process: connections, requests, notifications, encrypted ones.
+COUNTERS = 4
 
 
-def gateway_handler(counters, slot):
-    """A minimal push gateway handler class counting into ``counters[slot:slot + 3]``."""
-    lock = threading.Lock()
+def answer_for(path, body):
+    """(notifications, encrypted ones, the answer's bytes) of one request: every item of a
+    batch succeeds, a single notification is taken."""
+    encrypted = body.count(b'"ciphertext"')
+    if not path.endswith(b"/batch"):
+        data = SINGLE_ANSWER
+        return 1, encrypted, data
+    items = json.loads(body)["notifications"]  # a gateway parses what it gets
+    n = len(items)
+    data = json.dumps({
+        "results": [{"id": item["id"], "status": "success", "rejected": []} for item in items],
+        "summary": {"total": n, "successful": n, "failed": 0, "partial": 0},
+    }, separators=(",", ":")).encode()
+    return n, encrypted, data
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive
-        disable_nagle_algorithm = True
 
-        def log_message(self, *args):
-            pass
+class GatewayProtocol(asyncio.Protocol):
+    """A minimal HTTP/1.1 push gateway connection: Content-Length requests, keep-alive,
+    counting into ``counters[slot:slot + COUNTERS]`` (each process has its own slots)."""
 
-        def do_POST(self):
-            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.path.endswith("/batch"):
-                items = json.loads(raw)["notifications"]
-                n = len(items)
-                data = json.dumps({
-                    "results": [{"id": it["id"], "status": "success", "rejected": []}
-                                for it in items],
-                    "summary": {"total": n, "successful": n, "failed": 0, "partial": 0},
-                }, separators=(",", ":")).encode()
-            else:
-                n, data = 1, SINGLE_ANSWER
-            encrypted = raw.count(b'"ciphertext"')
-            # One write for head and body: no Nagle/delayed-ACK stall between two segments.
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
-            with lock:
-                counters[slot] += 1
-                counters[slot + 1] += n
-                counters[slot + 2] += encrypted
+    def __init__(self, counters, slot):
+        self.counters, self.slot = counters, slot
+        self.transport = None
+        self.buffer = b""
 
-    return Handler
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.counters[self.slot] += 1
+
+    def data_received(self, data):
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:end]
+            at = head.lower().find(b"\r\ncontent-length:")
+            length = int(head[at + 17:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = self.buffer[end + 4:end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length:]
+            n, encrypted, answer = answer_for(head.split(b" ", 2)[1], body)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            c, s = self.counters, self.slot
+            c[s + 1], c[s + 2], c[s + 3] = c[s + 1] + 1, c[s + 2] + n, c[s + 3] + encrypted
 
 
 def serve_gateway(sock, counters, slot):
-    """One gateway process: a ThreadingHTTPServer on the inherited listening socket."""
-    server = ThreadingHTTPServer(sock.getsockname(), gateway_handler(counters, slot),
-                                 bind_and_activate=False)
-    server.socket.close()
-    server.socket = sock
-    server.daemon_threads = True
-    server.serve_forever(poll_interval=0.5)
+    """One gateway process: an asyncio server on the inherited listening socket."""
+
+    async def serve():
+        server = await asyncio.get_running_loop().create_server(
+            lambda: GatewayProtocol(counters, slot), sock=sock)
+        await server.serve_forever()
+
+    asyncio.run(serve())
 
 
 class GatewayProcesses:
@@ -152,17 +171,20 @@ class GatewayProcesses:
         self.sock.setblocking(False)  # processes race for accept(); the losers must not block
         self.port = self.sock.getsockname()[1]
         ctx = multiprocessing.get_context("fork")
-        self.counters = ctx.Array("q", 3 * procs, lock=False)
-        self.procs = [ctx.Process(target=serve_gateway, args=(self.sock, self.counters, 3 * i),
+        self.counters = ctx.Array("q", COUNTERS * procs, lock=False)
+        self.procs = [ctx.Process(target=serve_gateway,
+                                  args=(self.sock, self.counters, COUNTERS * i),
                                   daemon=True, name=f"gateway-{i}") for i in range(procs)]
         for proc in self.procs:
             proc.start()
 
     def snapshot(self):
-        """(requests, notifications, encrypted notifications, CPU seconds) so far."""
+        """{connections, requests, notifications, encrypted, cpu_s} so far."""
         c = list(self.counters)
-        return (sum(c[0::3]), sum(c[1::3]), sum(c[2::3]),
-                sum(cpu_seconds(p.pid) for p in self.procs))
+        names = ("connections", "requests", "notifications", "encrypted")
+        out = {name: sum(c[i::COUNTERS]) for i, name in enumerate(names)}
+        out["cpu_s"] = sum(cpu_seconds(p.pid) for p in self.procs)
+        return out
 
     def close(self):
         for proc in self.procs:
@@ -182,7 +204,7 @@ def cpu_seconds(pid):
         return float("nan")
 
 
-# --- one case (runs in its own subprocess) -------------------------------------------------
+# --- one case (runs in its own subprocess): setting up -------------------------------------
 
 
 def peak_rss_mib():
@@ -226,14 +248,53 @@ def row_shape(pusher, key):
     return p, k
 
 
+def register_directly(app, headers, bodies):
+    """Register ``bodies`` with the /pushers/set view function itself, without the WSGI
+    layer; check that its first row has the shape of the API-made one before it. Returns how
+    many it registered (all of them, or fewer if it failed, having said why)."""
+    import inspect
+
+    import app as app_module
+    from models import EncryptionKey, Pusher, db, transaction
+    from schemas import PusherSetSchema
+
+    view = inspect.unwrap(app_module.PusherSet.post)
+    schema = PusherSetSchema()
+    instance = app_module.PusherSet()
+    done = 0
+    try:
+        with app.test_request_context("/push/v1/pushers/set", method="POST", headers=headers):
+            # The app's and the blueprint's before_request hooks (connection, authentication)
+            # run once: every body is from the same user.
+            early = app.preprocess_request()
+            if early is not None:
+                raise RuntimeError(f"a before_request hook answered {early}")
+            view(instance, schema.load(bodies[0]))
+            done = 1
+            shapes = [row_shape(p, EncryptionKey.get_by_id(p.encryption_key_id))
+                      for p in Pusher.select().order_by(Pusher.id.desc()).limit(2)]
+            if len(shapes) != 2 or shapes[0] != shapes[1]:
+                raise RuntimeError(f"it makes other rows than the API: {shapes}")
+            for start in range(1, len(bodies), 1000):
+                with transaction():  # the view's own transaction() nests as a savepoint
+                    for body in bodies[start:start + 1000]:
+                        view(instance, schema.load(body))
+                done = min(start + 1000, len(bodies))
+    except Exception as e:  # the view changed shape: the test client always works
+        print(f"  direct registration failed ({type(e).__name__}: {e}); "
+              f"the test client registers the other {len(bodies) - done:,}", file=sys.stderr)
+    finally:
+        if not db.is_closed():
+            db.close()
+    return done
+
+
 def register_pushers(app, client, headers, bodies, mode):
     """Register every body; returns the mode actually used.
 
     ``client``: POST /pushers/set through the test client, one by one.
-    ``direct``: the same view function (``PusherSet.post`` unwrapped) with the body loaded by
-    the same ``PusherSetSchema``, in one request context, so the WSGI/HTTP layer is skipped
-    but every row is made by the view's own code. The first pusher goes through the test
-    client and its row is compared with the second's; a mismatch falls back to ``client``.
+    ``direct``: the first through the test client, the others with the view function itself
+    (``register_directly``); any trouble falls back to ``client`` for the rest.
     """
 
     def via_client(body):
@@ -241,98 +302,115 @@ def register_pushers(app, client, headers, bodies, mode):
         if response.status_code != 200:
             raise RuntimeError(f"pushers/set: {response.status_code} {response.get_json()}")
 
-    if mode == "client" or len(bodies) < 2:
-        for body in bodies:
-            via_client(body)
-        return "client"
-
-    import inspect
-
-    import app as app_module
-    from models import EncryptionKey, Pusher, db, transaction
-    from schemas import PusherSetSchema
-
-    via_client(bodies[0])
-    done = 1
-    try:
-        view = inspect.unwrap(app_module.PusherSet.post)
-        schema = PusherSetSchema()
-        instance = app_module.PusherSet()
-        with app.test_request_context("/push/v1/pushers/set", method="POST", headers=headers):
-            # The app's and the blueprint's before_request hooks (connection, authentication)
-            # run once: every body is from the same user.
-            early = app.preprocess_request()
-            if early is not None:
-                raise RuntimeError(f"a before_request hook answered {early}")
-            view(instance, schema.load(bodies[1]))
-            done = 2
-            shapes = [row_shape(p, EncryptionKey.get_by_id(p.encryption_key_id))
-                      for p in Pusher.select().where(Pusher.pushkey.in_(
-                          [bodies[0]["pushkey"], bodies[1]["pushkey"]])).order_by(Pusher.id)]
-            if len(shapes) != 2 or shapes[0] != shapes[1]:
-                raise RuntimeError(f"it makes other rows than the API: {shapes}")
-            for start in range(2, len(bodies), 1000):
-                with transaction():  # the view's own transaction() nests as a savepoint
-                    for body in bodies[start:start + 1000]:
-                        view(instance, schema.load(body))
-                done = min(start + 1000, len(bodies))
-            db.close()
-    except Exception as e:  # the view changed shape: the test client always works
-        print(f"  direct registration failed ({type(e).__name__}: {e}); "
-              f"the test client registers the other {len(bodies) - done:,}", file=sys.stderr)
-        if not db.is_closed():
-            db.close()
-        for body in bodies[done:]:
-            via_client(body)
-        return "client"
-    return "direct"
+    done = 0
+    if mode == "direct" and len(bodies) >= 2:
+        via_client(bodies[0])
+        done = 1 + register_directly(app, headers, bodies[1:])
+    for body in bodies[done:]:
+        via_client(body)
+    return mode if done == len(bodies) else "client"
 
 
-def instrument(worker, phases):
-    """Wrap the worker's steps to split each round's wall time into phases."""
-    marks = {}
-
-    def wrap(name, gap=None, after=None):
-        method = getattr(worker, name, None)
-        if method is None:  # the worker changed shape: time what is still there
-            return
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            if after in marks:
-                phases[gap] = phases.get(gap, 0.0) + start - marks.pop(after)
-            try:
-                return method(*args, **kwargs)
-            finally:
-                end = time.perf_counter()
-                phases[name] = phases.get(name, 0.0) + end - start
-                marks[name] = end
-
-        setattr(worker, name, timed)
-
-    wrap("claim")
-    wrap("build_jobs", gap="load", after="claim")  # load: rows read between claim and build
-    wrap("record", gap="send", after="build_jobs")  # send: the executor.map between the two
+def cache_folder(args, n, period):
+    """Where ``--cache`` keeps the instance folder of N registered pushers, or None."""
+    return os.path.join(args.cache, f"fanout-{n}-{period}") if args.cache else None
 
 
-class ThreadProfiles:
-    """cProfile for ``Worker.send`` in the executor threads (cProfile sees one thread only)."""
+def save_to_cache(app, folder, url, service):
+    """Keep the instance folder (pushers registered, nothing queued) for later runs."""
+    from models import db
+
+    with app.app_context(), db.connection_context():
+        db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(app.instance_path, partial)
+    with open(os.path.join(partial, "bench.json"), "w") as f:
+        json.dump({"url": url, "service": service}, f)
+    os.replace(partial, folder)
+
+
+def restore_from_cache(app, folder, url):
+    """The service's headers of a cached instance folder (copied into ``app``'s before it
+    was created), its pushers pointed at ``url``."""
+    from peewee import fn
+
+    from models import Pusher, db
+
+    with open(os.path.join(folder, "bench.json")) as f:
+        saved = json.load(f)
+    with app.app_context(), db.connection_context():
+        Pusher.update(data=fn.REPLACE(Pusher.data, saved["url"], url)).execute()
+    return saved["service"]
+
+
+def seed(app, args, n, url, period, out):
+    """A user with N encrypted pushers of ``url``, a service and a channel; returns the
+    service's headers."""
+    folder = cache_folder(args, n, period)
+    if folder and os.path.exists(os.path.join(app.instance_path, "bench.json")):
+        out.update(register_mode="cached", register_s=0.0)
+        return restore_from_cache(app, app.instance_path, url)
+    runner = app.test_cli_runner()
+    user = {"Authorization": "Bearer " + cli_token(runner, "users", "create", "bench")}
+    service = {"Authorization": "Bearer " + cli_token(runner, "services", "create", "bench")}
+    result = runner.invoke(args=["channels", "add", CHANNEL, "--default", "enabled"])
+    if result.exit_code != 0:
+        raise RuntimeError(result.output)
+    bodies = list(pusher_bodies(n, url, period))
+    start = time.perf_counter()
+    out["register_mode"] = register_pushers(app, app.test_client(), user, bodies, args.register)
+    out["register_s"] = time.perf_counter() - start
+    if folder:
+        save_to_cache(app, folder, url, service)
+    return service
+
+
+def make_app(args, n, tmp):
+    """The case's app on instance folder ``tmp`` (a copy of the cached one, if any)."""
+    from app import create_app
+
+    folder = cache_folder(args, n, args.period)
+    if folder and os.path.isdir(folder):
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+    config = {
+        "EMBEDDED_WORKER": False,
+        "RATE_LIMIT_ENABLED": False,
+        "ALLOW_HTTP_GATEWAYS": True,
+        "ALLOW_PRIVATE_GATEWAYS": True,
+        "MAX_PUSHERS_PER_USER": max(n, 50),  # one user holds every device of the fan-out
+    }
+    for name, value in (("WORKER_THREADS", args.threads), ("WORKER_CLAIM", args.claim),
+                        ("GATEWAY_CONCURRENCY", args.concurrency)):
+        if value:
+            config[name] = value
+    return create_app(config, instance_path=tmp)
+
+
+# --- one case: measuring --------------------------------------------------------------------
+
+
+class Profiles:
+    """cProfile per thread (cProfile sees one thread only), merged by group when dumped."""
 
     def __init__(self):
         import cProfile
 
         self.cProfile = cProfile
         self.local = threading.local()
-        self.all = []
+        self.groups = {}  # name -> [Profile]
         self.lock = threading.Lock()
 
-    def wrap(self, func):
+    def wrap(self, group, func):
+        """``func``, profiled in whatever thread calls it, into ``group``."""
+
         def profiled(*args, **kwargs):
-            profile = getattr(self.local, "profile", None)
+            profile = getattr(self.local, group, None)
             if profile is None:
-                profile = self.local.profile = self.cProfile.Profile()
+                profile = self.cProfile.Profile()
+                setattr(self.local, group, profile)
                 with self.lock:
-                    self.all.append(profile)
+                    self.groups.setdefault(group, []).append(profile)
             profile.enable()
             try:
                 return func(*args, **kwargs)
@@ -341,16 +419,110 @@ class ThreadProfiles:
 
         return profiled
 
-    def dump(self, path):
+    def dump(self, stem):
+        """Write ``stem``-<group>.prof for each group."""
         import pstats
 
-        if not self.all:
-            return None
-        stats = pstats.Stats(self.all[0])
-        for profile in self.all[1:]:
-            stats.add(profile)
-        stats.dump_stats(path)
-        return path
+        for group, profiles in self.groups.items():
+            stats = pstats.Stats(profiles[0])
+            for profile in profiles[1:]:
+                stats.add(profile)
+            stats.dump_stats(f"{stem}-{group}.prof")
+
+
+def instrument(worker, phases, done, expected):
+    """Time the worker's PHASES (wall seconds, in ``phases``), and set ``done`` once
+    ``expected`` deliveries have their final outcome written."""
+    written = [0]
+
+    def timed(name, method):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    for name in PHASES:
+        if hasattr(worker, name):  # the worker changed shape: time what is still there
+            setattr(worker, name, timed(name, getattr(worker, name)))
+    record = worker.record
+
+    def counting(outcomes):
+        record(outcomes)
+        written[0] += sum(outcome.result != "retry" for outcome in outcomes)
+        if written[0] >= expected:
+            done.set()
+
+    worker.record = counting
+
+
+def drive_loop(app, worker, done, timeout):
+    """Run the worker's loop in a thread, as a server process does, until ``done``; returns
+    (whether it finished in time, the stepping thread's CPU seconds)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="push-worker")
+    thread.start()
+    clock = time.pthread_getcpuclockid(thread.ident)
+    finished = done.wait(timeout)
+    cpu = time.clock_gettime(clock)
+    stop.set()
+    import delivery
+
+    delivery.wake()
+    thread.join()
+    return finished, cpu
+
+
+def drive_rounds(app, worker, timeout):
+    """Call ``run_once`` until nothing is pending; returns (whether it finished in time, this
+    thread's CPU seconds, rounds)."""
+    import delivery
+    from models import db
+
+    cpu0, rounds = time.thread_time(), 0
+    deadline = time.perf_counter() + timeout
+    with app.app_context(), db.connection_context():
+        while True:
+            handled = worker.run_once()
+            rounds += 1
+            if handled:
+                continue
+            if delivery.stats()["pending"] == 0:
+                return True, time.thread_time() - cpu0, rounds
+            if time.perf_counter() > deadline:
+                return False, time.thread_time() - cpu0, rounds
+            time.sleep(0.02)  # only retries with backoff are left
+
+
+def deliver(app, args, expected, out, profiles):
+    """Deliver everything queued; fills in the delivery figures of ``out``."""
+    import delivery
+    from models import db
+
+    worker = delivery.Worker(app)
+    phases, done = {}, threading.Event()
+    instrument(worker, phases, done, expected)
+    if profiles:
+        worker.send = profiles.wrap("deliver-send", worker.send)
+        driven = "run" if args.drive == "loop" else "run_once"
+        setattr(worker, driven, profiles.wrap("deliver-step", getattr(worker, driven)))
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    if args.drive == "loop":
+        finished, step_cpu = drive_loop(app, worker, done, args.timeout)
+    else:
+        finished, step_cpu, out["rounds"] = drive_rounds(app, worker, args.timeout)
+    out["deliver_s"] = time.perf_counter() - start
+    out["worker_cpu_s"] = time.process_time() - cpu0
+    out["step_cpu_s"] = step_cpu
+    out["timed_out"] = not finished
+    worker.close()
+    with app.app_context(), db.connection_context():
+        out["stats"] = delivery.stats()
+    out["phases"] = {k: round(v, 4) for k, v in phases.items()}
 
 
 def run_case(args):
@@ -359,108 +531,33 @@ def run_case(args):
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from app import create_app
-
-    import delivery
-    from models import db
-
     n, style = args.case_size, args.case_style
     url = f"http://127.0.0.1:{args.port}{STYLES[style]}"
-    period = args.key_period or datetime.now(timezone.utc).strftime("%Y-%m")
-    config = {
-        "EMBEDDED_WORKER": False,
-        "RATE_LIMIT_ENABLED": False,
-        "ALLOW_HTTP_GATEWAYS": True,
-        "ALLOW_PRIVATE_GATEWAYS": True,
-        "MAX_PUSHERS_PER_USER": max(n, 50),  # one user holds every device of the fan-out
-    }
-    if args.threads:
-        config["WORKER_THREADS"] = args.threads
-    if args.claim:
-        config["WORKER_CLAIM"] = args.claim
-    out = {"n": n, "style": style}
-
+    out = {"n": n, "style": style, "drive": args.drive}
+    profiles = Profiles() if args.profile else None
     with tempfile.TemporaryDirectory(prefix="push-bench-") as tmp:
-        app = create_app(config, instance_path=tmp)
-        out["threads"] = app.config["WORKER_THREADS"]
-        out["claim"] = app.config["WORKER_CLAIM"]
-        runner = app.test_cli_runner()
-        user = {"Authorization": "Bearer " + cli_token(runner, "users", "create", "bench")}
-        service = {"Authorization": "Bearer " + cli_token(runner, "services", "create", "bench")}
-        result = runner.invoke(args=["channels", "add", CHANNEL, "--default", "enabled"])
-        if result.exit_code != 0:
-            raise RuntimeError(result.output)
-        client = app.test_client()
-
-        bodies = list(pusher_bodies(n, url, period))
-        start = time.perf_counter()
-        out["register_mode"] = register_pushers(app, client, user, bodies, args.register)
-        out["register_s"] = time.perf_counter() - start
-        del bodies
+        app = make_app(args, n, tmp)
+        out.update(threads=app.config["WORKER_THREADS"], claim=app.config["WORKER_CLAIM"],
+                   concurrency=app.config["GATEWAY_CONCURRENCY"])
+        service = seed(app, args, n, url, args.period, out)
         out["rss_after_register_mib"] = peak_rss_mib()
-
-        profiling = bool(args.profile)
-        if profiling:
-            import cProfile
-
-            os.makedirs(args.profile, exist_ok=True)
-            stem = os.path.join(args.profile, f"fanout-{n}-{style}")
-            enqueue_profile = cProfile.Profile()
-            enqueue_profile.enable()
+        client = app.test_client()
+        notify = client.post
+        if profiles:
+            notify = profiles.wrap("enqueue", notify)
         start = time.perf_counter()
-        response = client.post("/push/v1/notifications", headers=service, json={
+        response = notify("/push/v1/notifications", headers=service, json={
             "user_id": "bench", "channel": CHANNEL, "payload": PAYLOAD, "prio": "high",
             "counts": {"unread": 1}})
         out["enqueue_s"] = time.perf_counter() - start
-        if profiling:
-            enqueue_profile.disable()
-            enqueue_profile.dump_stats(stem + "-enqueue.prof")
         if response.status_code != 202:
             raise RuntimeError(f"notifications: {response.status_code} {response.get_json()}")
         out["deliveries_queued"] = response.get_json()["deliveries"]
-
-        worker = delivery.Worker(app)
-        phases = {}
-        instrument(worker, phases)
-        if profiling:
-            thread_profiles = ThreadProfiles()
-            worker.send = thread_profiles.wrap(worker.send)
-        rounds = 0
-        cpu0 = time.process_time()
-        with app.app_context():
-            db.connect(reuse_if_open=True)
-            if profiling:
-                main_profile = cProfile.Profile()
-                main_profile.enable()
-            start = time.perf_counter()
-            deadline = start + args.timeout
-            while True:
-                handled = worker.run_once()
-                rounds += 1
-                if handled:
-                    continue
-                stats = delivery.stats()
-                if stats["pending"] == 0:
-                    break
-                if time.perf_counter() > deadline:
-                    out["timed_out"] = True
-                    break
-                time.sleep(0.02)  # only retries with backoff are left
-            out["deliver_s"] = time.perf_counter() - start
-            if profiling:
-                main_profile.disable()
-                main_profile.dump_stats(stem + "-deliver-main.prof")
-                thread_profiles.dump(stem + "-deliver-send.prof")
-                out["profiles"] = stem
-            out["stats"] = delivery.stats()
-            db.close()
-        out["worker_cpu_s"] = time.process_time() - cpu0
-        out["rounds"] = rounds
-        out["phases"] = {k: round(v, 4) for k, v in phases.items()}
-        if hasattr(worker, "close"):
-            worker.close()
-        else:
-            worker.executor.shutdown(wait=True)
+        deliver(app, args, out["deliveries_queued"], out, profiles)
+        if profiles:
+            os.makedirs(args.profile, exist_ok=True)
+            out["profiles"] = os.path.join(args.profile, f"fanout-{n}-{style}")
+            profiles.dump(out["profiles"])
         out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out))
 
@@ -472,9 +569,10 @@ def run_in_subprocess(args, size, style, port):
     """Run one case in a fresh interpreter so its peak RSS is its own."""
     cmd = [sys.executable, os.path.abspath(__file__), "--case-size", str(size),
            "--case-style", style, "--port", str(port), "--register", args.register,
-           "--timeout", str(args.timeout)]
+           "--timeout", str(args.timeout), "--drive", args.drive, "--key-period", args.period]
     for flag, value in (("--threads", args.threads), ("--claim", args.claim),
-                        ("--key-period", args.key_period), ("--profile", args.profile)):
+                        ("--concurrency", args.concurrency), ("--profile", args.profile),
+                        ("--cache", args.cache)):
         if value:
             cmd += [flag, str(value)]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
@@ -484,21 +582,73 @@ def run_in_subprocess(args, size, style, port):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure(args, gateway, size, style):
+    """Run one case against ``gateway``; the case's figures with the gateway's added."""
+    before = gateway.snapshot()
+    row = run_in_subprocess(args, size, style, gateway.port)
+    time.sleep(0.05)  # let the gateway finish counting the last answers
+    after = gateway.snapshot()
+    row["gateway"] = {k: after[k] - before[k] for k in after}
+    row["load"] = os.getloadavg()[0]
+    return row
+
+
+def per_delivery_us(row, seconds):
+    """CPU microseconds per delivered notification."""
+    return 1e6 * seconds / max(1, row["stats"]["delivered"])
+
+
+def print_case(row, profiled):
+    """One line (and the phases) of a case as it finishes."""
+    s, gw = row["stats"], row["gateway"]
+    expected = row["n"] if row["style"] == "single" else math.ceil(row["n"] / 100)
+    print(f"N={row['n']:,} {row['style']}: register {row['register_s']:.2f}s "
+          f"({row['register_mode']}), enqueue {row['enqueue_s']:.3f}s, "
+          f"deliver {row['deliver_s']:.2f}s = {s['delivered'] / row['deliver_s']:,.0f}/s; "
+          f"delivered {s['delivered']:,}, failed {s['failed']:,}, pending {s['pending']:,}; "
+          f"gateway: {gw['connections']:,} connections, {gw['requests']:,} requests (expected "
+          f"{expected:,}), {gw['notifications']:,} notifications ({gw['encrypted']:,} encrypted),"
+          f" CPU {gw['cpu_s']:.2f}s; worker CPU {row['worker_cpu_s']:.2f}s "
+          f"({per_delivery_us(row, row['worker_cpu_s']):.0f} us/delivery, stepping thread "
+          f"{per_delivery_us(row, row['step_cpu_s']):.0f}); {row['threads']} threads, claim "
+          f"{row['claim']}, {row['concurrency']} per gateway, drive {row['drive']}"
+          + (f" ({row['rounds']} rounds)" if "rounds" in row else "")
+          + f"; peak RSS {row['peak_rss_mib']:.0f} MiB; load {row['load']:.2f}"
+          + ("  [TIMED OUT]" if row["timed_out"] else "")
+          + ("  [PROFILED]" if profiled else ""), flush=True)
+    phases = dict(row["phases"])
+    phases.pop("build_jobs", None)  # inside queue
+    busy = sum(phases.values())
+    phases["waiting"] = max(0.0, row["deliver_s"] - busy)
+    print("    stepping thread's wall time: " + ", ".join(
+        f"{k} {v:.2f}s" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])), flush=True)
+
+
 def print_table(rows):
-    header = ("N", "style", "thr", "register s", "reg/s", "enqueue s", "deliver s",
-              "deliv/s", "gw reqs", "gw notifs", "enc", "ok/fail", "worker cpu s",
-              "gw cpu s", "peak RSS MiB")
+    """The figures of every case: one line per case and run, then the median of each case."""
+    header = ("N", "style", "run", "register s", "enqueue s", "deliver s", "deliv/s",
+              "worker us/d", "step us/d", "gw conns", "gw reqs", "gw cpu s", "ok/fail",
+              "load", "RSS MiB")
     lines = [header]
+    cases = {}
     for r in rows:
-        s = r["stats"]
-        lines.append((
-            f"{r['n']:,}", r["style"], str(r["threads"]), f"{r['register_s']:.2f}",
-            f"{r['n'] / r['register_s']:,.0f}", f"{r['enqueue_s']:.3f}",
-            f"{r['deliver_s']:.2f}", f"{s['delivered'] / r['deliver_s']:,.0f}",
-            f"{r['gw_requests']:,}", f"{r['gw_notifications']:,}", f"{r['gw_encrypted']:,}",
-            f"{s['delivered']:,}/{s['failed']:,}", f"{r['worker_cpu_s']:.1f}",
-            f"{r['gw_cpu_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
-        ))
+        cases.setdefault((r["n"], r["style"]), []).append(r)
+    for (n, style), runs in cases.items():
+        for i, r in enumerate(runs, 1):
+            s, gw = r["stats"], r["gateway"]
+            lines.append((
+                f"{n:,}", style, str(i), f"{r['register_s']:.2f}", f"{r['enqueue_s']:.3f}",
+                f"{r['deliver_s']:.2f}", f"{s['delivered'] / r['deliver_s']:,.0f}",
+                f"{per_delivery_us(r, r['worker_cpu_s']):.0f}",
+                f"{per_delivery_us(r, r['step_cpu_s']):.0f}", f"{gw['connections']:,}",
+                f"{gw['requests']:,}", f"{gw['cpu_s']:.2f}",
+                f"{s['delivered']:,}/{s['failed']:,}", f"{r['load']:.2f}",
+                f"{r['peak_rss_mib']:.0f}"))
+        if len(runs) > 1:
+            rate = statistics.median(r["stats"]["delivered"] / r["deliver_s"] for r in runs)
+            cpu = statistics.median(per_delivery_us(r, r["worker_cpu_s"]) for r in runs)
+            lines.append((f"{n:,}", style, "median", "", "", "", f"{rate:,.0f}", f"{cpu:.0f}",
+                          "", "", "", "", "", "", ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
@@ -510,8 +660,8 @@ def print_profiles(stem, limit):
     """Top functions of a case's profiles: overall by own time, and the app's own code."""
     import pstats
 
-    ours = r"(delivery|app|models|crypto|schemas)\.py"
-    for part in ("enqueue", "deliver-main", "deliver-send"):
+    ours = r"(delivery|gateway|app|models|crypto|schemas)\.py"
+    for part in ("enqueue", "deliver-step", "deliver-send"):
         path = f"{stem}-{part}.prof"
         if not os.path.exists(path):
             continue
@@ -523,21 +673,31 @@ def print_profiles(stem, limit):
         stats.sort_stats("cumulative").print_stats(ours, limit)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000", help="comma-separated pusher counts")
     parser.add_argument("--styles", default="single,batch",
                         help="comma-separated gateway styles: single, batch")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each case")
+    parser.add_argument("--drive", choices=("loop", "rounds"), default="loop",
+                        help="loop: Worker.run in a thread, as a server process runs it; "
+                             "rounds: Worker.run_once until nothing is pending, as tests do")
     parser.add_argument("--threads", type=int, default=None,
                         help="WORKER_THREADS (default: the app's default)")
     parser.add_argument("--claim", type=int, default=None,
-                        help="WORKER_CLAIM, deliveries leased per round (default: the app's)")
+                        help="WORKER_CLAIM, deliveries leased per claim (default: the app's)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="GATEWAY_CONCURRENCY (default: the app's)")
     parser.add_argument("--register", choices=("direct", "client"), default="direct",
                         help="direct: the pushers/set view without the HTTP layer (checked "
                              "against an API-made row); client: the test client, one by one")
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="keep the instance folder of registered pushers in DIR and start "
+                             "later runs of the same N from a copy of it")
     parser.add_argument("--gateway-procs", type=int, default=2,
                         help="gateway processes sharing the listening socket")
-    parser.add_argument("--key-period", default=None,
+    parser.add_argument("--key-period", dest="period",
+                        default=datetime.now(timezone.utc).strftime("%Y-%m"),
                         help="initial_key_period of the pushers (default: this month; an "
                              "older month makes the first delivery ratchet every key)")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -550,69 +710,44 @@ def main():
     parser.add_argument("--case-style", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [s for s in args.styles.split(",") if s.strip() not in STYLES]
+    if unknown:
+        parser.error(f"unknown style(s): {', '.join(unknown)}; use single, batch")
+    return args
 
+
+def main():
+    args = parse_args()
     if args.case_size is not None:
         run_case(args)
         return
-
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
-    styles = [s.strip() for s in args.styles.split(",") if s.strip()]
-    unknown = [s for s in styles if s not in STYLES]
-    if unknown:
-        parser.error(f"unknown style(s): {', '.join(unknown)}; use single, batch")
-
+    styles = [s.strip() for s in args.styles.split(",")]
     print("# push fan-out benchmark")
     for name, value in machine():
         print(f"{name:>8}: {value}")
     print(f" command: {' '.join([os.path.relpath(sys.executable, ROOT)] + sys.argv)}")
     gateway = GatewayProcesses(args.gateway_procs)
-    print(f" gateway: {args.gateway_procs} process(es), ThreadingHTTPServer HTTP/1.1 keep-alive, "
+    print(f" gateway: {args.gateway_procs} process(es), asyncio HTTP/1.1 keep-alive, "
           f"127.0.0.1:{gateway.port}")
     print("   cases: each in a fresh subprocess; one notification to N encrypted pushers\n",
           flush=True)
-
     rows = []
     try:
         for size in sizes:
             for style in styles:
-                before = gateway.snapshot()
-                row = run_in_subprocess(args, size, style, gateway.port)
-                time.sleep(0.05)  # let the gateway finish counting the last answers
-                after = gateway.snapshot()
-                row.update(gw_requests=after[0] - before[0], gw_notifications=after[1] - before[1],
-                           gw_encrypted=after[2] - before[2], gw_cpu_s=after[3] - before[3])
-                rows.append(row)
-                s = row["stats"]
-                expected = size if style == "single" else math.ceil(size / 100)
-                print(f"N={size:,} {style}: register {row['register_s']:.2f}s "
-                      f"({row['register_mode']}), enqueue {row['enqueue_s']:.3f}s "
-                      f"({row['deliveries_queued']:,} queued), deliver {row['deliver_s']:.2f}s "
-                      f"= {s['delivered'] / row['deliver_s']:,.0f}/s; delivered {s['delivered']:,}"
-                      f", failed {s['failed']:,}, pending {s['pending']:,}; gateway got "
-                      f"{row['gw_requests']:,} requests (expected {expected:,}) carrying "
-                      f"{row['gw_notifications']:,} notifications ({row['gw_encrypted']:,} "
-                      f"encrypted); {row['rounds']} rounds of {row['claim']}, "
-                      f"{row['threads']} threads; worker CPU {row['worker_cpu_s']:.1f}s, "
-                      f"gateway CPU {row['gw_cpu_s']:.1f}s; peak RSS {row['peak_rss_mib']:.0f} "
-                      f"MiB (after registering {row['rss_after_register_mib']:.0f})"
-                      + f"; load {os.getloadavg()[0]:.2f}"
-                      + ("  [TIMED OUT]" if row.get("timed_out") else "")
-                      + ("  [PROFILED]" if args.profile else ""), flush=True)
-                phases = row["phases"]
-                if phases:
-                    print("    delivery wall time by phase: " + ", ".join(
-                        f"{k} {v:.2f}s" for k, v in sorted(phases.items(), key=lambda kv: -kv[1])))
+                for _ in range(args.repeat):
+                    rows.append(measure(args, gateway, size, style))
+                    print_case(rows[-1], bool(args.profile))
     finally:
         gateway.close()
-
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} on "
-          f"{len(os.sched_getaffinity(0))} CPUs (worker CPU well below deliver s means it waited "
-          "for the gateway, the sending threads, or a busy machine)\n")
+          f"{len(os.sched_getaffinity(0))} CPUs (worker CPU per delivery well below the wall "
+          "time per delivery means it waited: for the gateway, or for a busy machine)\n")
     print_table(rows)
-    if args.profile:
-        for row in rows:
-            if row.get("profiles"):
-                print_profiles(row["profiles"], args.profile_lines)
+    for row in rows:
+        if row.get("profiles"):
+            print_profiles(row["profiles"], args.profile_lines)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ on the whole request (connect + read timeout) can end those.
 import threading
 
 import pytest
-import urllib3
 from support import (
     SocketGateway,
     never_answer,
@@ -53,7 +52,7 @@ def test_a_trickling_gateway_is_cut_off_at_the_deadline(client, misbehaving):
     with pytest.raises(DeadlineExceeded):
         client.post(url, {"notification": {}})
     assert misbehaving.accepted() == 2
-    assert client.pools.connection_from_url(url).pool.qsize() == 2  # both went back, closed
+    assert client.idle_connections(url) == 0  # neither connection is kept for another request
 
 
 @pytest.mark.parametrize("misbehaving, scheme", [
@@ -65,10 +64,10 @@ def test_a_stalling_gateway_ends_within_the_deadline_and_its_connection_is_dropp
     # for a TLS handshake, which Python bounds as a whole, the connect timeout).
     url = misbehaving.url(scheme=scheme)
     for _ in range(2):
-        with pytest.raises((urllib3.exceptions.ReadTimeoutError, DeadlineExceeded)):
+        with pytest.raises((TimeoutError, DeadlineExceeded)):
             client.post(url, {"notification": {}})
     assert misbehaving.accepted() == 2
-    assert client.pools.connection_from_url(url).pool.qsize() == 2
+    assert client.idle_connections(url) == 0
 
 
 def test_a_deadline_cuts_off_only_its_own_request(client, gateway):
@@ -112,3 +111,85 @@ def test_gateway_requests_carry_our_user_agent_and_json_content_type(gateway):
     assert headers["User-Agent"] == USER_AGENT
     assert not headers["User-Agent"].startswith("python-urllib3")
     assert headers["Content-Type"] == "application/json"
+
+
+# --- connections kept and dropped -------------------------------------------------------------
+
+OK = b'{"rejected":[]}'
+
+
+def read_request(connection, buffer=b""):
+    """One request (head and Content-Length body) from ``connection``; returns what was read
+    after it, or None when the client closed the connection."""
+    while b"\r\n\r\n" not in buffer:
+        data = connection.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += connection.recv(65536)
+    return rest[length:]
+
+
+def answer_then(extra_headers=b"", body=OK, close_after=False):
+    """A gateway behaviour: answer each request on the connection with 200 and ``body``
+    (and ``extra_headers``); with ``close_after``, close the connection after one answer."""
+
+    def behave(connection, done):
+        buffer = b""
+        while (buffer := read_request(connection, buffer)) is not None:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                               + extra_headers
+                               + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            if close_after:
+                connection.close()
+                return
+
+    return behave
+
+
+@pytest.mark.parametrize("misbehaving", [answer_then()], indirect=True, ids=["keep-alive"])
+def test_one_connection_carries_request_after_request(client, misbehaving):
+    url = misbehaving.url()
+    answers = [client.post(url, NOTIFICATION)[:2] for _ in range(5)]
+    assert answers == [(200, {"rejected": []})] * 5
+    assert misbehaving.accepted() == 1
+    assert client.idle_connections(url) == 1
+
+
+@pytest.mark.parametrize("misbehaving", [answer_then(close_after=True)], indirect=True,
+                         ids=["closes-when-idle"])
+def test_a_kept_connection_the_gateway_closed_is_replaced_not_failed(client, misbehaving):
+    url = misbehaving.url()
+    for _ in range(3):
+        assert client.post(url, NOTIFICATION)[:2] == (200, {"rejected": []})
+        # the gateway's FIN arrives while the connection waits, kept, for the next request
+        wait_until_closed_by_peer(misbehaving)
+    assert misbehaving.accepted() == 3
+
+
+def wait_until_closed_by_peer(gateway):
+    """Until the gateway has closed its side of every connection it accepted."""
+    for _ in range(200):
+        with gateway.lock:
+            if all(c.fileno() == -1 for c in gateway.connections):
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError("the gateway kept a connection open")
+
+
+@pytest.mark.parametrize("misbehaving, answer, kept", [
+    (answer_then(b"Connection: close\r\n"), {"rejected": []}, 0),
+    (answer_then(body=b" " * 70000), None, 0),  # longer than the client reads
+    (answer_then(body=b" " * 100), None, 1),  # not JSON, but complete
+], indirect=["misbehaving"], ids=["connection-close", "answer-too-long", "answer-fits"])
+def test_only_a_complete_answer_that_may_be_followed_leaves_its_connection_kept(
+        client, misbehaving, answer, kept):
+    url = misbehaving.url()
+    assert client.post(url, NOTIFICATION)[:2] == (200, answer)
+    assert client.idle_connections(url) == kept
+    assert client.post(url, NOTIFICATION)[:2] == (200, answer)
+    assert misbehaving.accepted() == 2 - kept
