@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -571,6 +572,7 @@ class Deadline:
             self.finished = True
             if self.connection is not None:
                 self.connection.deadline = None
+                self.connection = None  # the pool decides how long it lives, not the heap
             return self.expired
 
 
@@ -613,12 +615,13 @@ class Watchdog:
                     heapq.heappop(self.heap)[2].expire()  # a finished one ignores this
                 self.condition.wait(self.heap[0][0] - current if self.heap else None)
 
-    def close(self):
-        """Stop the thread (requests still under way keep their connections)."""
+    def close(self, wait=True):
+        """Stop the thread (requests still under way keep their connections); ``wait``: until
+        it has ended."""
         with self.condition:
             self.closed = True
             self.condition.notify()
-        if self.thread is not None:
+        if wait and self.thread is not None:
             self.thread.join()
 
 
@@ -708,6 +711,8 @@ class GatewayClient:
         self.watchdog = Watchdog()
         self.lock = threading.Lock()
         self.idle = OrderedDict()  # origin -> [idle GatewayConnection]; used last at the end
+        # A client dropped without close() still closes its connections and ends its thread.
+        weakref.finalize(self, release, self.idle, self.lock, self.watchdog, False)
 
     def post(self, url, body):
         """Return (status, parsed JSON or None, Retry-After header or None).
@@ -784,12 +789,17 @@ class GatewayClient:
 
     def close(self):
         """Close every kept connection and stop the watchdog."""
-        with self.lock:
-            kept = [c for connections in self.idle.values() for c in connections]
-            self.idle.clear()
-        for connection in kept:
-            connection.close()
-        self.watchdog.close()
+        release(self.idle, self.lock, self.watchdog, True)
+
+
+def release(idle, lock, watchdog, wait):
+    """Close the connections in ``idle`` (a client's pool) and stop its watchdog."""
+    with lock:
+        kept = [c for connections in idle.values() for c in connections]
+        idle.clear()
+    for connection in kept:
+        connection.close()
+    watchdog.close(wait)
 
 
 def origin_of(url):

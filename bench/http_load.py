@@ -425,7 +425,7 @@ def print_table(rows):
             print("  ".join("-" * w for w in widths))
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per endpoint")
     parser.add_argument("--warmup", type=int, default=2,
@@ -458,70 +458,58 @@ def main():
         if args.py_spy is None:
             parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
         os.makedirs(args.profile, exist_ok=True)
+    return parser, args
 
-    run = secrets.token_hex(3)  # names unique per run, so a reused database does not clash
-    pushkeys = [f"{secrets.token_urlsafe(30)}/+{i}=" for i in range(PUSHERS)]  # base64-like
-    specs = endpoint_specs(run, pushkeys, [secrets.token_hex(32) for _ in range(PUSHERS)])
-    names = list(specs) if not args.only else [n.strip() for n in args.only.split(",")]
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        parser.error(f"unknown endpoint(s) {', '.join(unknown)}; choose from {', '.join(specs)}")
-    settings, settings_source = gunicorn_settings(args)
 
-    print("# HTTP benchmark: gunicorn + wrk over loopback")
-    for name, value in machine():
-        print(f"{name:>9}: {value}")
-    print(f"{'wrk':>9}: {wrk_version()}")
-    print(f"{'command':>9}: {' '.join([os.path.relpath(sys.executable, ROOT)] + sys.argv)}")
+def server_env(args, tmp):
+    """The environment of every command: the shell's without its PUSH_ settings, plus ours;
+    and how the database is described in print."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
+    env.update(PUSH_INSTANCE_PATH=os.path.join(tmp, "instance"),
+               PUSH_RATE_LIMIT_ENABLED="false", PUSH_EMBEDDED_WORKER="false")
+    if args.database_url:
+        env["PUSH_DATABASE_URL"] = args.database_url
+    database = (redacted(args.database_url) if args.database_url
+                else "SQLite file in the temporary instance folder (WAL, synchronous=FULL)")
+    return env, database
 
-    with tempfile.TemporaryDirectory(prefix="push-http-bench-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
-        env.update(PUSH_INSTANCE_PATH=os.path.join(tmp, "instance"),
-                   PUSH_RATE_LIMIT_ENABLED="false", PUSH_EMBEDDED_WORKER="false")
-        if args.database_url:
-            env["PUSH_DATABASE_URL"] = args.database_url
-        database = (redacted(args.database_url) if args.database_url
-                    else "SQLite file in the temporary instance folder (WAL, synchronous=FULL)")
-        print(f"{'database':>9}: {database}")
-        print(f"{'delivery':>9}: PUSH_EMBEDDED_WORKER=false, no worker runs: POST /notifications "
-              f"only enqueues ({PUSHERS} delivery rows each; nothing is sent)")
-        print(f"{'limits':>9}: PUSH_RATE_LIMIT_ENABLED=false")
-        print(f"{'wrk load':>9}: wrk -t{args.threads} -c{args.connections} -d{args.duration}s per "
-              f"endpoint after a {args.warmup} s warm-up; bench/wrk.lua adds the token and "
-              "varies POST bodies\n")
-        print("environment of every command below: "
-              + " ".join(f"{k}={env[k] if k != 'PUSH_DATABASE_URL' else database}"
-                         for k in sorted(env) if k.startswith("PUSH_")))
 
-        print("seed:")
-        user_token, service_token = seed(env, run)
-        tokens = {"user": user_token, "service": service_token, None: None}
+def print_setup(args, env, database):
+    print(f"{'database':>9}: {database}")
+    print(f"{'delivery':>9}: PUSH_EMBEDDED_WORKER=false, no worker runs: POST /notifications "
+          f"only enqueues ({PUSHERS} delivery rows each; nothing is sent)")
+    print(f"{'limits':>9}: PUSH_RATE_LIMIT_ENABLED=false")
+    print(f"{'wrk load':>9}: wrk -t{args.threads} -c{args.connections} -d{args.duration}s per "
+          f"endpoint after a {args.warmup} s warm-up; bench/wrk.lua adds the token and "
+          "varies POST bodies\n")
+    print("environment of every command below: "
+          + " ".join(f"{k}={env[k] if k != 'PUSH_DATABASE_URL' else database}"
+                     for k in sorted(env) if k.startswith("PUSH_")))
 
-        rows = []
-        if "hello" in names:
-            with Gunicorn(settings, "bench.hello:app", env, os.path.join(tmp, "hello.log"),
-                          "/") as server:
-                print(f"server: {shlex.join(server.argv(server.port))}")
-                print(f"  workers: {len(server.workers())} ({settings_source})", flush=True)
-                rows.append(measure(args, server.port, specs["hello"], None, server))
-        service_names = [n for n in names if n != "hello"]
-        if service_names:
-            with Gunicorn(settings, "app:create_app()", env, os.path.join(tmp, "server.log"),
-                          "/healthz") as server:
-                print(f"server: {shlex.join(server.argv(server.port))}")
-                print(f"  workers: {len(server.workers())} ({settings_source})")
-                bodies = specs["set-pusher"][4]
-                for body in bodies:  # the user's devices, registered through the API
-                    status, text = call(server.port, "POST", "/push/v1/pushers/set",
-                                        body.replace("{{n}}", "0"), user_token)
-                    if status != 200:
-                        raise SystemExit(f"registering a pusher: {status} {text[:300]}")
-                print(f"  registered {len(bodies)} pushers for bench-{run} "
-                      f"(POST /push/v1/pushers/set; every other one encrypted)", flush=True)
-                for name in service_names:
-                    spec = specs[name]
-                    rows.append(measure(args, server.port, spec, tokens[spec[3]], server))
 
+def measure_service(args, settings, settings_source, env, tmp, specs, names, tokens):
+    """Start the service under gunicorn, register the user's pushers, load each endpoint."""
+    rows = []
+    with Gunicorn(settings, "app:create_app()", env, os.path.join(tmp, "server.log"),
+                  "/healthz") as server:
+        print(f"server: {shlex.join(server.argv(server.port))}")
+        print(f"  workers: {len(server.workers())} ({settings_source})")
+        bodies = specs["set-pusher"][4]
+        for body in bodies:  # the user's devices, registered through the API
+            status, text = call(server.port, "POST", "/push/v1/pushers/set",
+                                body.replace("{{n}}", "0"), tokens["user"])
+            if status != 200:
+                raise SystemExit(f"registering a pusher: {status} {text[:300]}")
+        print(f"  registered {len(bodies)} pushers (POST /push/v1/pushers/set; every other "
+              "one encrypted)", flush=True)
+        for name in names:
+            spec = specs[name]
+            rows.append(measure(args, server.port, spec, tokens[spec[3]], server))
+    return rows
+
+
+def report(args, rows):
+    """The table, the wrk commands, the profiles; exit 1 if the figures are worthless."""
     print(f"\nload average after: {'%.2f %.2f %.2f' % os.getloadavg()} on "
           f"{len(os.sched_getaffinity(0))} CPUs (wrk and gunicorn share them)\n")
     print_table(rows)
@@ -543,6 +531,43 @@ def main():
     noisy = [r["label"] for r in rows if r["non2xx"] or r["socket_errors"]]
     if noisy:
         print(f"\nWARNING: some answers were errors for {', '.join(noisy)}", file=sys.stderr)
+
+
+def main():
+    parser, args = parse_args()
+    run = secrets.token_hex(3)  # names unique per run, so a reused database does not clash
+    pushkeys = [f"{secrets.token_urlsafe(30)}/+{i}=" for i in range(PUSHERS)]  # base64-like
+    specs = endpoint_specs(run, pushkeys, [secrets.token_hex(32) for _ in range(PUSHERS)])
+    names = list(specs) if not args.only else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        parser.error(f"unknown endpoint(s) {', '.join(unknown)}; choose from {', '.join(specs)}")
+    settings, settings_source = gunicorn_settings(args)
+
+    print("# HTTP benchmark: gunicorn + wrk over loopback")
+    for name, value in machine():
+        print(f"{name:>9}: {value}")
+    print(f"{'wrk':>9}: {wrk_version()}")
+    print(f"{'command':>9}: {' '.join([os.path.relpath(sys.executable, ROOT)] + sys.argv)}")
+
+    with tempfile.TemporaryDirectory(prefix="push-http-bench-") as tmp:
+        env, database = server_env(args, tmp)
+        print_setup(args, env, database)
+        print("seed:")
+        user_token, service_token = seed(env, run)
+        tokens = {"user": user_token, "service": service_token, None: None}
+        rows = []
+        if "hello" in names:
+            with Gunicorn(settings, "bench.hello:app", env, os.path.join(tmp, "hello.log"),
+                          "/") as server:
+                print(f"server: {shlex.join(server.argv(server.port))}")
+                print(f"  workers: {len(server.workers())} ({settings_source})", flush=True)
+                rows.append(measure(args, server.port, specs["hello"], None, server))
+        service_names = [n for n in names if n != "hello"]
+        if service_names:
+            rows += measure_service(args, settings, settings_source, env, tmp, specs,
+                                    service_names, tokens)
+    report(args, rows)
 
 
 if __name__ == "__main__":

@@ -458,7 +458,7 @@ def print_results(results, users_sizes, delivery_sizes):
                     print(f"   {'':>10}    {step}")
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deliveries", default="10000,100000,1000000",
                         help="comma-separated stored delivery counts, grown in this order")
@@ -476,13 +476,10 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.users, args.deliveries, args.repeat = "100,1000", "1000,10000", 5
-    users_sizes = [int(s) for s in args.users.split(",")]
-    delivery_sizes = sorted(int(s) for s in args.deliveries.split(","))
+    return args
 
-    for key in [k for k in os.environ if k.startswith("PUSH_")]:
-        del os.environ[key]  # the shell's settings would skew the figures
-    logging.basicConfig(level=logging.WARNING)  # no INFO line per purge
 
+def print_header(args):
     print("# growth benchmark: latency against stored deliveries and users")
     for name, value in machine():
         print(f"{name:>9}: {value}")
@@ -494,6 +491,53 @@ def main():
     print(f"{'purge':>9}: {purge}")
     print(f"{'method':>9}: {args.repeat} timed runs per cell after 1 warm-up; test client "
           "in-process, no HTTP server; the delivery worker does not run\n", flush=True)
+
+
+def fill_database(args, app, users):
+    """A fresh database of ``users`` users with their due deliveries; returns the service id."""
+    if args.database_url:
+        db.drop_tables(MODELS)
+        db.create_tables(MODELS)
+    start = time.perf_counter()
+    service_id = fill_users(app, users)
+    due = fill_pending(users, service_id)
+    print(f"U={power(users)}: {users:,} users, "
+          f"{Pusher.select().count():,} pushers, {due} due deliveries "
+          f"filled in {time.perf_counter() - start:.1f} s", flush=True)
+    return service_id
+
+
+def grow_and_measure(args, ops, users, service_id, delivery_sizes, sqlite_file, results):
+    """Grow the stored deliveries to each size in turn and time every operation there."""
+    next_j = 1
+    for target in delivery_sizes:
+        with db.connection_context():
+            start = time.perf_counter()
+            next_j = fill_deliveries(target, users, service_id, next_j)
+            if args.database_url:
+                db.execute_sql("ANALYZE")  # what autovacuum would soon do
+            stored = Delivery.select().count()
+            notifications = Notification.select().count()
+        fill_s = time.perf_counter() - start
+        size = database_size(sqlite_file)
+        print(f"  D={power(target)}: {stored:,} deliveries, {notifications:,} "
+              f"notifications (filled in {fill_s:.1f} s"
+              + (f"; file {size:,.0f} MiB" if size is not None else "") + ")",
+              end="", flush=True)
+        cell = {name: measure(ops, name, args.repeat) for name in Operations.LABELS}
+        results[(users, target)] = cell
+        print("; measured: " + ", ".join(f"{n} {c['median']:.2f} ms"
+                                          for n, c in cell.items()), flush=True)
+
+
+def main():
+    args = parse_args()
+    users_sizes = [int(s) for s in args.users.split(",")]
+    delivery_sizes = sorted(int(s) for s in args.deliveries.split(","))
+    for key in [k for k in os.environ if k.startswith("PUSH_")]:
+        del os.environ[key]  # the shell's settings would skew the figures
+    logging.basicConfig(level=logging.WARNING)  # no INFO line per purge
+    print_header(args)
 
     rng = random.Random(args.seed)
     results = {}
@@ -507,37 +551,9 @@ def main():
             app = create_app(config, instance_path=folder)
             sqlite_file = None if args.database_url else os.path.join(folder, "push.sqlite3")
             with db.connection_context():
-                if args.database_url:
-                    db.drop_tables(MODELS)
-                    db.create_tables(MODELS)
-                start = time.perf_counter()
-                service_id = fill_users(app, users)
-                due = fill_pending(users, service_id)
-                print(f"U={power(users)}: {users:,} users, "
-                      f"{Pusher.select().count():,} pushers, {due} due deliveries "
-                      f"filled in {time.perf_counter() - start:.1f} s", flush=True)
-            next_j = 1
+                service_id = fill_database(args, app, users)
             ops = Operations(app, users, rng)
-            for target in delivery_sizes:
-                with db.connection_context():
-                    start = time.perf_counter()
-                    next_j = fill_deliveries(target, users, service_id, next_j)
-                    if args.database_url:
-                        db.execute_sql("ANALYZE")  # what autovacuum would soon do
-                    stored = Delivery.select().count()
-                    notifications = Notification.select().count()
-                fill_s = time.perf_counter() - start
-                size = database_size(sqlite_file)
-                print(f"  D={power(target)}: {stored:,} deliveries, {notifications:,} "
-                      f"notifications (filled in {fill_s:.1f} s"
-                      + (f"; file {size:,.0f} MiB" if size is not None else "") + ")",
-                      end="", flush=True)
-                cell = {}
-                for name in Operations.LABELS:
-                    cell[name] = measure(ops, name, args.repeat)
-                results[(users, target)] = cell
-                print("; measured: " + ", ".join(f"{n} {c['median']:.2f} ms"
-                                                  for n, c in cell.items()), flush=True)
+            grow_and_measure(args, ops, users, service_id, delivery_sizes, sqlite_file, results)
             ops.close()
         finally:
             if not db.is_closed():
