@@ -499,6 +499,7 @@ class GatewayConnection(http.client.HTTPConnection):
     def __init__(self, origin, timeouts, tls, allow_private):
         scheme, host, port = origin
         super().__init__(host, port, timeout=timeouts[1])
+        self.default_port = DEFAULT_PORTS[scheme]  # Host: names the port only if it is another
         self.origin = origin
         self.connect_timeout = timeouts[0]
         self.tls = tls
@@ -535,8 +536,13 @@ class GatewayConnection(http.client.HTTPConnection):
 
     def dropped(self):
         """Whether an idle connection cannot carry another request: the gateway closed it
-        (or sent something nobody asked for)."""
-        return self.sock is None or bool(select.select([self.sock], [], [], 0)[0])
+        (or sent something nobody asked for). poll, not select: a busy process may hold
+        descriptors above select's limit of 1024."""
+        if self.sock is None:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
 
 class Deadline:

@@ -5,6 +5,8 @@ read timeout is longer than the gap between two bytes of a trickling one, so onl
 on the whole request (connect + read timeout) can end those.
 """
 
+import os
+import resource
 import threading
 
 import pytest
@@ -193,3 +195,24 @@ def test_only_a_complete_answer_that_may_be_followed_leaves_its_connection_kept(
     assert client.idle_connections(url) == kept
     assert client.post(url, NOTIFICATION)[:2] == (200, answer)
     assert misbehaving.accepted() == 2 - kept
+
+
+@pytest.mark.parametrize("misbehaving", [answer_then()], indirect=True, ids=["keep-alive"])
+def test_a_kept_connection_numbered_above_1024_is_checked_and_used_again(client, misbehaving):
+    """A busy server process holds many descriptors; select() cannot watch one above 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit ({hard}) is too low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        url = misbehaving.url()
+        answers = [client.post(url, NOTIFICATION)[:2] for _ in range(3)]
+        [kept] = client.idle[next(iter(client.idle))]
+        assert kept.sock.fileno() > 1024
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert answers == [(200, {"rejected": []})] * 3
+    assert misbehaving.accepted() == 1
