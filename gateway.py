@@ -734,8 +734,16 @@ class GatewayClient:
         deadline.watch(connection)
         response, data, error = None, b"", None
         try:
-            connection.request("POST", target, body=encode(body), headers=self.HEADERS)
-            response = connection.getresponse()
+            try:
+                connection.request("POST", target, body=encode(body), headers=self.HEADERS)
+            except (BrokenPipeError, ConnectionResetError):
+                # A gateway may answer before it has taken the whole body (413 for a batch
+                # too large) and close: its answer may be waiting to be read all the same.
+                response = early_answer(connection)
+                if response is None:
+                    raise
+            else:
+                response = connection.getresponse()
             data = response.read(self.max_response + 1)
         except Exception as e:
             error = e
@@ -806,6 +814,15 @@ def release(idle, lock, watchdog, wait):
     for connection in kept:
         connection.close()
     watchdog.close(wait)
+
+
+def early_answer(connection):
+    """The answer a gateway sent before it closed a connection we were still sending on, or
+    None when there is none to read."""
+    try:
+        return connection.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 def origin_of(url):

@@ -216,3 +216,27 @@ def test_a_kept_connection_numbered_above_1024_is_checked_and_used_again(client,
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert answers == [(200, {"rejected": []})] * 3
     assert misbehaving.accepted() == 1
+
+
+def answer_413_before_the_body(connection, done):
+    """Reads the request's head only, answers 413 and closes (unread data: a reset)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += connection.recv(65536)
+    body = b'{"error": "Payload Too Large"}'
+    connection.sendall(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    done.wait(0.2)
+    connection.close()
+
+
+@pytest.mark.parametrize("misbehaving", [answer_413_before_the_body], indirect=True,
+                         ids=["413-before-the-body"])
+def test_an_answer_sent_before_the_whole_body_was_taken_is_read(client, misbehaving):
+    """Our send fails (the gateway reset the connection), yet its 413 is what counts: that
+    is what makes a worker cut a batch smaller instead of retrying it as it was."""
+    url = misbehaving.url()
+    big = {"notification": {"devices": [{"pushkey": "a" * 8_000_000}]}}
+    status, answer, _ = client.post(url, big)
+    assert (status, answer) == (413, {"error": "Payload Too Large"})
+    assert client.idle_connections(url) == 0
