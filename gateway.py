@@ -732,14 +732,14 @@ class GatewayClient:
         connection = self.connection(origin)
         deadline = self.watchdog.start(self.total)
         deadline.watch(connection)
-        response, data, error = None, b"", None
+        response, data, error, cut_short = None, b"", None, False
         try:
             try:
                 connection.request("POST", target, body=encode(body), headers=self.HEADERS)
             except (BrokenPipeError, ConnectionResetError):
                 # A gateway may answer before it has taken the whole body (413 for a batch
                 # too large) and close: its answer may be waiting to be read all the same.
-                response = early_answer(connection)
+                cut_short, response = True, early_answer(connection)
                 if response is None:
                     raise
             else:
@@ -748,7 +748,7 @@ class GatewayClient:
         except Exception as e:
             error = e
         expired = deadline.finish()  # before the connection can go back to the pool
-        if error or expired or not response.isclosed() or connection.sock is None:
+        if error or expired or cut_short or not response.isclosed() or connection.sock is None:
             if response is not None:
                 response.close()  # broken off, late, too long, or the gateway closes it
             connection.close()
