@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import sqlite3
 import threading
 import time
@@ -31,9 +32,7 @@ from peewee import (
     ForeignKeyField,
     IntegerField,
     IntegrityError,
-    InterfaceError,
     Model,
-    OperationalError,
     SQL,
     SqliteDatabase,
     TextField,
@@ -357,18 +356,21 @@ def use_connection():
 
 
 def connection_works():
-    """Whether this thread's open connection still works. A SQLite one always does; a
-    PostgreSQL server is asked (one round trip, as playhouse.pool does at each checkout): a
-    restarted server drops its connections without a word."""
+    """Whether this thread's open connection still works. A SQLite one always does.
+
+    A PostgreSQL server that ends a connection (a restart, ``pg_terminate_backend``) sends
+    its last words and closes it; an idle connection of ours has nothing else to read (we do
+    not LISTEN), so one with something to read is done for. Looking costs a poll of its
+    socket, not a round trip (``SELECT 1`` before every request cost a seventh of a short
+    read's time).
+    """
     if isinstance(db.obj, SqliteDatabase):
         return True
     if not db.is_connection_usable():  # known broken, or a failed transaction left open
         return False
-    try:
-        db.execute_sql("SELECT 1")
-    except (OperationalError, InterfaceError):
-        return False
-    return True
+    poller = select.poll()
+    poller.register(db.connection().fileno(), select.POLLIN)
+    return not poller.poll(0)
 
 
 @contextlib.contextmanager

@@ -361,14 +361,15 @@ def test_leases_of_this_hosts_dead_processes_are_released(pg_app):
 
 def test_a_connection_the_server_dropped_is_replaced_before_the_next_request(pg_app, pg_url,
                                                                              tmp_path):
-    """Threads keep their connection; after the server drops it (a restart), the next request
-    gets a new one instead of an error."""
+    """Threads keep their connection; after the server has dropped it (a restart), the next
+    request gets a new one instead of an error. (pg_terminate_backend waits, up to 5 s, until
+    the backend is gone, as a restart is over before requests reach the new server.)"""
     alice = tokens(pg_app, "alice", services=())["alice"]
     client = pg_app.test_client()
     assert client.get("/push/v1/pushers", headers=alice).status_code == 200
     kept = db.connection()
     dropped = query(push_env(tmp_path, DATABASE_URL=pg_url),
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()")
     assert dropped == [(True,)]
     assert client.get("/push/v1/pushers", headers=alice).status_code == 200
