@@ -25,7 +25,7 @@ worker: $(BIN)/activate
 	$(BIN)/flask --app app worker
 
 bench: $(BIN)/activate
-	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/fanout.py $(BENCH_ARGS)
 
 bench-http: $(BIN)/activate
 	$(BIN)/python bench/http_load.py $(BENCH_ARGS)
