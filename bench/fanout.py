@@ -497,10 +497,67 @@ def drive_rounds(app, worker, timeout):
             time.sleep(0.02)  # only retries with backoff are left
 
 
+PENDING_LEFT = "SELECT 1 FROM delivery WHERE state = 'pending' LIMIT 1"
+
+
+def worker_process(app):
+    """A forked delivery worker process, as each gunicorn worker process runs one: its loop
+    until no delivery is pending (every outcome written, by this process or the others)."""
+    import delivery
+    from models import db, rows
+
+    stop = threading.Event()
+
+    def watch():
+        with app.app_context(), db.connection_context():
+            while not stop.wait(0.05):
+                if not rows(PENDING_LEFT):
+                    stop.set()
+                    delivery.wake()
+
+    threading.Thread(target=watch, daemon=True).start()
+    worker = delivery.Worker(app)
+    worker.run(stop)
+
+
+def deliver_in_processes(app, args, out):
+    """Deliver with ``args.processes`` forked worker processes sharing the queue; fills in
+    the delivery figures of ``out`` (CPU: all the processes together)."""
+    import delivery
+    from models import db
+
+    if not db.is_closed():
+        db.close()  # each process opens its own
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=worker_process, args=(app,), name=f"worker-{i}")
+                 for i in range(args.processes)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(args.timeout)
+    out["deliver_s"] = time.perf_counter() - start
+    out["timed_out"] = any(process.is_alive() for process in processes)
+    for process in processes:
+        process.kill()
+        process.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["worker_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    out["step_cpu_s"] = float("nan")  # a thread of each process: not summed
+    out["phases"] = {}
+    with app.app_context(), db.connection_context():
+        out["stats"] = delivery.stats()
+
+
 def deliver(app, args, expected, out, profiles):
     """Deliver everything queued; fills in the delivery figures of ``out``."""
     import delivery
     from models import db
+
+    if args.processes > 1:
+        deliver_in_processes(app, args, out)
+        return
 
     worker = delivery.Worker(app)
     phases, done = {}, threading.Event()
@@ -533,7 +590,8 @@ def run_case(args):
     logging.basicConfig(level=logging.WARNING)
     n, style = args.case_size, args.case_style
     url = f"http://127.0.0.1:{args.port}{STYLES[style]}"
-    out = {"n": n, "style": style, "drive": args.drive}
+    out = {"n": n, "style": style,
+           "drive": args.drive if args.processes == 1 else f"{args.processes} processes"}
     profiles = Profiles() if args.profile else None
     with tempfile.TemporaryDirectory(prefix="push-bench-") as tmp:
         app = make_app(args, n, tmp)
@@ -569,7 +627,8 @@ def run_in_subprocess(args, size, style, port):
     """Run one case in a fresh interpreter so its peak RSS is its own."""
     cmd = [sys.executable, os.path.abspath(__file__), "--case-size", str(size),
            "--case-style", style, "--port", str(port), "--register", args.register,
-           "--timeout", str(args.timeout), "--drive", args.drive, "--key-period", args.period]
+           "--timeout", str(args.timeout), "--drive", args.drive, "--key-period", args.period,
+           "--processes", str(args.processes)]
     for flag, value in (("--threads", args.threads), ("--claim", args.claim),
                         ("--concurrency", args.concurrency), ("--profile", args.profile),
                         ("--cache", args.cache)):
@@ -594,8 +653,10 @@ def measure(args, gateway, size, style):
 
 
 def per_delivery_us(row, seconds):
-    """CPU microseconds per delivered notification."""
-    return 1e6 * seconds / max(1, row["stats"]["delivered"])
+    """CPU microseconds per delivered notification ("-" when not measured)."""
+    if math.isnan(seconds):
+        return "-"
+    return f"{1e6 * seconds / max(1, row['stats']['delivered']):.0f}"
 
 
 def print_case(row, profiled):
@@ -609,14 +670,16 @@ def print_case(row, profiled):
           f"gateway: {gw['connections']:,} connections, {gw['requests']:,} requests (expected "
           f"{expected:,}), {gw['notifications']:,} notifications ({gw['encrypted']:,} encrypted),"
           f" CPU {gw['cpu_s']:.2f}s; worker CPU {row['worker_cpu_s']:.2f}s "
-          f"({per_delivery_us(row, row['worker_cpu_s']):.0f} us/delivery, stepping thread "
-          f"{per_delivery_us(row, row['step_cpu_s']):.0f}); {row['threads']} threads, claim "
+          f"({per_delivery_us(row, row['worker_cpu_s'])} us/delivery, stepping thread "
+          f"{per_delivery_us(row, row['step_cpu_s'])}); {row['threads']} threads, claim "
           f"{row['claim']}, {row['concurrency']} per gateway, drive {row['drive']}"
           + (f" ({row['rounds']} rounds)" if "rounds" in row else "")
           + f"; peak RSS {row['peak_rss_mib']:.0f} MiB; load {row['load']:.2f}"
           + ("  [TIMED OUT]" if row["timed_out"] else "")
           + ("  [PROFILED]" if profiled else ""), flush=True)
     phases = dict(row["phases"])
+    if not phases:
+        return
     phases.pop("build_jobs", None)  # inside queue
     busy = sum(phases.values())
     phases["waiting"] = max(0.0, row["deliver_s"] - busy)
@@ -639,14 +702,15 @@ def print_table(rows):
             lines.append((
                 f"{n:,}", style, str(i), f"{r['register_s']:.2f}", f"{r['enqueue_s']:.3f}",
                 f"{r['deliver_s']:.2f}", f"{s['delivered'] / r['deliver_s']:,.0f}",
-                f"{per_delivery_us(r, r['worker_cpu_s']):.0f}",
-                f"{per_delivery_us(r, r['step_cpu_s']):.0f}", f"{gw['connections']:,}",
+                per_delivery_us(r, r["worker_cpu_s"]),
+                per_delivery_us(r, r["step_cpu_s"]), f"{gw['connections']:,}",
                 f"{gw['requests']:,}", f"{gw['cpu_s']:.2f}",
                 f"{s['delivered']:,}/{s['failed']:,}", f"{r['load']:.2f}",
                 f"{r['peak_rss_mib']:.0f}"))
         if len(runs) > 1:
             rate = statistics.median(r["stats"]["delivered"] / r["deliver_s"] for r in runs)
-            cpu = statistics.median(per_delivery_us(r, r["worker_cpu_s"]) for r in runs)
+            cpu = statistics.median(1e6 * r["worker_cpu_s"] / max(1, r["stats"]["delivered"])
+                                    for r in runs)
             lines.append((f"{n:,}", style, "median", "", "", "", f"{rate:,.0f}", f"{cpu:.0f}",
                           "", "", "", "", "", "", ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -682,6 +746,10 @@ def parse_args():
     parser.add_argument("--drive", choices=("loop", "rounds"), default="loop",
                         help="loop: Worker.run in a thread, as a server process runs it; "
                              "rounds: Worker.run_once until nothing is pending, as tests do")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes sharing the queue (forked, each with its loop, "
+                             "as each gunicorn worker process runs one); more than 1 implies "
+                             "--drive loop and no --profile")
     parser.add_argument("--threads", type=int, default=None,
                         help="WORKER_THREADS (default: the app's default)")
     parser.add_argument("--claim", type=int, default=None,
@@ -713,6 +781,8 @@ def parse_args():
     unknown = [s for s in args.styles.split(",") if s.strip() not in STYLES]
     if unknown:
         parser.error(f"unknown style(s): {', '.join(unknown)}; use single, batch")
+    if args.processes > 1 and (args.profile or args.drive != "loop"):
+        parser.error("--processes above 1 goes with --drive loop and without --profile")
     return args
 
 
