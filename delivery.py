@@ -75,6 +75,7 @@ from models import (
     Delivery,
     EncryptionKey,
     Pusher,
+    chunks,
     db,
     delete_pusher,
     marks,
@@ -121,19 +122,13 @@ KEYS = "SELECT id, key_identifier, period, sealed FROM encryptionkey WHERE id IN
 DELIVERED = ("UPDATE delivery SET state = 'delivered', attempts = attempts + 1,"
              " lease_owner = NULL, lease_until = NULL, last_error = NULL, finished_at = ?"
              " WHERE lease_owner = ? AND id IN ({})")
-#: Ids per ``IN`` list (SQLite allows 32,766 parameters; shorter statements plan faster).
-IN_CHUNK = 500
 
 
 def rows_in(statement, ids, *params):
     """Every row of ``statement`` (``{}`` for an ``IN`` list, after ``params``) for ``ids``,
-    read IN_CHUNK ids at a time."""
-    ids = list(ids)
-    found = []
-    for start in range(0, len(ids), IN_CHUNK):
-        chunk = ids[start:start + IN_CHUNK]
-        found += rows(statement.format(marks(len(chunk))), *params, *chunk)
-    return found
+    a chunk of them at a time."""
+    return [row for chunk in chunks(list(ids))
+            for row in rows(statement.format(marks(len(chunk))), *params, *chunk)]
 
 
 _listeners = weakref.WeakSet()  # the ``ready`` events of this process's workers
@@ -319,7 +314,8 @@ class Worker:
     """Claims due deliveries, sends them, records outcomes. One per process or command.
 
     The loop (``run``) calls ``step`` whenever a request ends, new work is announced or the
-    poll interval passes; ``run_once`` drives the same steps to completion for tests. All
+    poll interval passes; ``run_once`` drives the same steps to completion for tests (``with
+    Worker(app) as worker:`` closes it after). All
     database work happens in the thread that steps; the sending threads only talk HTTP and
     hand their outcomes back through ``finished``.
     """
@@ -609,8 +605,7 @@ class Worker:
         plain = [o.delivery.id for o in outcomes
                  if o.result == "delivered" and not o.pushkey_rejected]
         with transaction():
-            for start in range(0, len(plain), IN_CHUNK):
-                chunk = plain[start:start + IN_CHUNK]
+            for chunk in chunks(plain):
                 run(DELIVERED.format(marks(len(chunk))), current, self.owner, *chunk)
             metrics.delivery_outcome("delivered", len(plain))
             for outcome in outcomes:
@@ -647,9 +642,9 @@ class Worker:
         if due is not None:
             changes["next_attempt_at"] = due
         with transaction():
-            for start in range(0, len(ids), 500):
+            for chunk in chunks(ids):
                 (Delivery.update(changes)
-                 .where(Delivery.id.in_(ids[start:start + 500])
+                 .where(Delivery.id.in_(chunk)
                         & (Delivery.lease_owner == self.owner))
                  .execute())
 
@@ -712,6 +707,12 @@ class Worker:
                 self.ready.clear()
         except Exception:
             log.exception("could not write every outcome on stopping; those leases lapse")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     def close(self):
         """Let go of the sending threads and pooled connections."""

@@ -170,18 +170,7 @@ def request_for(pusher, notification, generations, checked=None):
     """
     data = json.loads(pusher.data)
     url = data.get("url", "")
-    if checked is None or url not in checked:
-        problem = None
-        try:
-            check_gateway_url(url)
-        except ValidationError as e:
-            problem = f"gateway URL not allowed: {e.messages}"
-        if checked is not None:
-            if len(checked) >= CHECKED_URLS:
-                checked.clear()
-            checked[url] = problem
-    else:
-        problem = checked[url]
+    problem = url_problem(url, checked)
     if problem is not None:
         raise Unsendable(problem)
     device = device_of(pusher, data)
@@ -191,6 +180,23 @@ def request_for(pusher, notification, generations, checked=None):
     if pusher.encryption_key_id is None:
         return plain_request(url, notification, common, device, data.get("format"))
     return sealed_request(url, envelope_for(pusher, notification, generations), common, device)
+
+
+def url_problem(url, checked=None):
+    """Why the operator's rules refuse gateway ``url`` now, or None; ``checked`` (a dict, or
+    None) remembers the verdicts."""
+    if checked is not None and url in checked:
+        return checked[url]
+    try:
+        check_gateway_url(url)
+        problem = None
+    except ValidationError as e:
+        problem = f"gateway URL not allowed: {e.messages}"
+    if checked is not None:
+        if len(checked) >= CHECKED_URLS:
+            checked.clear()
+        checked[url] = problem
+    return problem
 
 
 def plain_request(url, notification, common, device, data_format):
@@ -718,7 +724,7 @@ class GatewayClient:
         self.lock = threading.Lock()
         self.idle = OrderedDict()  # origin -> [idle GatewayConnection]; used last at the end
         # A client dropped without close() still closes its connections and ends its thread.
-        weakref.finalize(self, release, self.idle, self.lock, self.watchdog, False)
+        weakref.finalize(self, close_pool, self.idle, self.lock, self.watchdog, False)
 
     def post(self, url, body):
         """Return (status, parsed JSON or None, Retry-After header or None).
@@ -803,10 +809,10 @@ class GatewayClient:
 
     def close(self):
         """Close every kept connection and stop the watchdog."""
-        release(self.idle, self.lock, self.watchdog, True)
+        close_pool(self.idle, self.lock, self.watchdog, True)
 
 
-def release(idle, lock, watchdog, wait):
+def close_pool(idle, lock, watchdog, wait):
     """Close the connections in ``idle`` (a client's pool) and stop its watchdog."""
     with lock:
         kept = [c for connections in idle.values() for c in connections]

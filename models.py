@@ -332,6 +332,17 @@ def marks(count, row="?"):
     return ", ".join([row] * count)
 
 
+#: Rows or ids per statement where a list goes into one (SQLite allows 32,766 parameters;
+#: shorter statements plan faster).
+CHUNK = 500
+
+
+def chunks(items):
+    """``items`` (a list) in slices of at most CHUNK, for one statement each."""
+    for start in range(0, len(items), CHUNK):
+        yield items[start:start + CHUNK]
+
+
 def open_database(url):
     """A peewee database for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
     if url.startswith("sqlite:"):
@@ -511,8 +522,7 @@ def queue_notification(service_id, user_name, channel_id, payload, prio, counts=
                 created_at)
             devices = [] if user_id is None else rows(RECIPIENTS, channel_id, user_id,
                                                        channel[0][0])
-            for start in range(0, len(devices), 500):
-                batch = devices[start:start + 500]
+            for batch in chunks(devices):
                 run(ADD_DELIVERIES.format(marks(len(batch), "(?, ?, ?, ?, 'pending', 0, ?, ?)")),
                     *[value for pusher_id, pushkey in batch for value in (
                         notification_id, pusher_id, user_id, pushkey, created_at, created_at)])

@@ -52,11 +52,8 @@ def states():
 def test_a_batch_body_as_sent_stays_within_the_byte_limit(app, api, service, gateway, crowd):
     """The issue's case: 100 encrypted items with 4 KiB of pusher data each are ~550 KB."""
     crowd(api, service, gateway.url(BASE), 100, pad=4000)
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         drain(app, worker)
-    finally:
-        worker.close()
     assert max(gateway.sizes) <= 262144
     assert sum(item_counts(gateway)) == 100 and len(gateway.requests) == 3
     assert states() == delivered_once(100)
@@ -80,11 +77,8 @@ def test_batches_are_cut_where_the_next_item_would_not_fit():
 
 def test_at_most_100_items_however_small(app, api, service, gateway, crowd):
     crowd(api, service, gateway.url(BASE), 130)
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         drain(app, worker)
-    finally:
-        worker.close()
     assert sorted(item_counts(gateway)) == [30, 100]
 
 
@@ -92,8 +86,7 @@ def test_a_gateway_answering_413_gets_every_item_in_halves_and_then_halves_at_on
         app, api, service, gateway, crowd):
     gateway.max_bytes = 120000  # 100 sealed items are ~180 KB, 50 fit
     crowd(api, service, gateway.url(BASE), 100)
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         drain(app, worker)
         assert item_counts(gateway) == [100, 50, 50]
         assert states() == delivered_once(100)  # no attempt lost to the 413
@@ -101,8 +94,6 @@ def test_a_gateway_answering_413_gets_every_item_in_halves_and_then_halves_at_on
         api.send(service)  # the worker remembers what the gateway took
         drain(app, worker)
         assert item_counts(gateway)[3:] == [50, 50]
-    finally:
-        worker.close()
 
 
 @pytest.mark.parametrize("tell, expected", [
@@ -115,11 +106,8 @@ def test_a_gateway_answering_batch_size_exceeds_maximum_limit_gets_every_item(
     gateway.max_items, gateway.tell_max_items = 30, tell
     gateway.delay = 0.05
     crowd(api, service, gateway.url(BASE), 100)
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         drain(app, worker)
-    finally:
-        worker.close()
     assert sorted(item_counts(gateway), reverse=True) == expected
     assert item_counts(gateway)[0] == 100
     assert gateway.most_active == 1  # the smaller batches waited for the gateway's one slot
@@ -130,12 +118,9 @@ def test_a_single_notification_too_large_even_alone_fails_for_good_saying_so(
         app, api, service, gateway, crowd):
     gateway.max_bytes = 1000  # less than one sealed item
     crowd(api, service, gateway.url(BASE), 2)
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         drain(app, worker)
         drain(app, worker)
-    finally:
-        worker.close()
     assert item_counts(gateway) == [2, 1, 1]
     rows = fetch(Delivery.select())
     assert [(r.state, r.attempts) for r in rows] == [("failed", 1)] * 2
@@ -151,8 +136,7 @@ def test_smaller_batches_start_only_while_their_lease_covers_them(make_app, api,
                    GATEWAY_READ_TIMEOUT=5)
     gateway.max_bytes, gateway.delay = 120000, 3.0  # the 413 comes after the 2 s
     crowd(api, service, gateway.url(BASE), 100)
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         with app.app_context(), db.connection_context():
             assert worker.run_once() == 100
         assert item_counts(gateway) == [100]
@@ -161,7 +145,5 @@ def test_smaller_batches_start_only_while_their_lease_covers_them(make_app, api,
         assert max(r.next_attempt_at for r in rows) <= time.time()  # due at once
         gateway.delay = 0.0
         drain(app, worker)
-    finally:
-        worker.close()
     assert item_counts(gateway) == [100, 50, 50]
     assert states() == delivered_once(100)

@@ -38,14 +38,11 @@ def delivery_states():
 
 def deliver_all(app):
     """Drain with a fresh worker on ``app``; return every delivery row afterwards."""
-    w = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as w:
         drain(app, w)
         with app.app_context():
             db.connect(reuse_if_open=True)
             return list(Delivery.select().order_by(Delivery.id))
-    finally:
-        w.close()
 
 
 @pytest.fixture
@@ -240,8 +237,7 @@ def test_retry_is_scheduled_in_the_future(make_app, alice, service, channel, reg
     register(alice, "fail-1-phone", url=gateway.url())
     client = app.test_client()
     Api(client).send(service)
-    w = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as w:
         with app.app_context():
             db.connect(reuse_if_open=True)
             before = time.time()
@@ -251,8 +247,6 @@ def test_retry_is_scheduled_in_the_future(make_app, alice, service, channel, reg
         assert row.state == "pending" and row.attempts == 1
         assert row.next_attempt_at >= before + 30 and row.lease_owner is None
         assert "503" in row.last_error
-    finally:
-        w.close()
 
 
 def test_delivery_gives_up_after_the_configured_time(make_app, alice, service, channel,
@@ -690,13 +684,10 @@ def test_a_round_hands_back_what_its_lease_might_not_cover(make_app, alice, serv
     # one request may take.
     app.config.update(DELIVERY_LEASE_SECONDS=10, GATEWAY_CONNECT_TIMEOUT=5,
                       GATEWAY_READ_TIMEOUT=6)
-    w = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as w:
         with app.app_context(), db.connection_context():
             assert w.run_once() == 1
             row = Delivery.get()
-    finally:
-        w.close()
     assert gateway.requests == []
     assert row.state == "pending" and row.attempts == 0 and row.lease_owner is None
     assert row.next_attempt_at <= time.time()

@@ -105,12 +105,9 @@ def test_a_delivery_waiting_too_long_for_a_slot_is_handed_back_untried(
         app = make_app(GATEWAY_CONCURRENCY=1, DELIVERY_LEASE_SECONDS=4,
                        GATEWAY_CONNECT_TIMEOUT=0.5, GATEWAY_READ_TIMEOUT=1.5)
         api.send(service)
-        worker = delivery.Worker(app)
-        try:
+        with delivery.Worker(app) as worker:
             with app.app_context(), db.connection_context():
                 assert worker.run_once() == 2
-        finally:
-            worker.close()
         assert stalled.accepted() == 1
     finally:
         stalled.close()
@@ -155,11 +152,8 @@ def test_a_gateway_host_never_gets_more_than_its_slots_while_others_are_served(
         app = make_app(WORKER_THREADS=8, GATEWAY_CONCURRENCY=2)
         api.send(service, user="alice")
         api.send(service, user="bob")
-        worker = delivery.Worker(app)
-        try:
+        with delivery.Worker(app) as worker:
             drain(app, worker)
-        finally:
-            worker.close()
         assert slow.most_active == 2
     finally:
         slow.close()
@@ -246,11 +240,8 @@ def exited_pid():
 
 
 def test_a_lease_owner_names_this_host_process_and_its_start_time(app, monkeypatch):
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         host, pid, start, _ = worker.owner.rsplit(":", 3)
-    finally:
-        worker.close()
     assert (host, int(pid)) == (delivery.this_host(), os.getpid())
     assert start == delivery.process_start(os.getpid()) and start.isdigit()
     monkeypatch.setattr("socket.gethostname", lambda: "node-" + "x" * 60 + "-a")

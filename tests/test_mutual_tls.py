@@ -59,14 +59,11 @@ def setup(alice, service, channel):
 def deliver(app):
     """Run a worker on ``app`` until nothing is pending, or for a few rounds; return the
     (state, attempts, last_error) of every delivery."""
-    worker = delivery.Worker(app)
-    try:
+    with delivery.Worker(app) as worker:
         try:
             drain(app, worker, rounds=3)
         except AssertionError:  # still pending: the caller looks at why
             pass
-    finally:
-        worker.close()
     return [(d.state, d.attempts, d.last_error)
             for d in fetch(Delivery.select().order_by(Delivery.id))]
 
