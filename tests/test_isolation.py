@@ -95,22 +95,26 @@ def test_outcomes_are_written_as_each_request_ends_while_a_slow_one_is_in_flight
     assert len(gateway.requests) == 3
 
 
+@pytest.fixture
+def stalled(setup, register):
+    """A gateway that takes requests and never answers, with alice's phone-1 and phone-2."""
+    gateway = SocketGateway(never_answer)
+    register(setup, "phone-1", url=gateway.url())
+    register(setup, "phone-2", url=gateway.url())
+    yield gateway
+    gateway.close()
+
+
 def test_a_delivery_waiting_too_long_for_a_slot_is_handed_back_untried(
-        make_app, api, setup, service, register):
-    stalled = SocketGateway(never_answer)
-    try:
-        register(setup, "phone-1", url=stalled.url())
-        register(setup, "phone-2", url=stalled.url())
-        # One slot; a request may take 2 s and must start while 3 s of its 4 s lease are left.
-        app = make_app(GATEWAY_CONCURRENCY=1, DELIVERY_LEASE_SECONDS=4,
-                       GATEWAY_CONNECT_TIMEOUT=0.5, GATEWAY_READ_TIMEOUT=1.5)
-        api.send(service)
-        with delivery.Worker(app) as worker:
-            with app.app_context(), db.connection_context():
-                assert worker.run_once() == 2
-        assert stalled.accepted() == 1
-    finally:
-        stalled.close()
+        make_app, api, service, stalled):
+    # One slot; a request may take 2 s and must start while 3 s of its 4 s lease are left.
+    app = make_app(GATEWAY_CONCURRENCY=1, DELIVERY_LEASE_SECONDS=4,
+                   GATEWAY_CONNECT_TIMEOUT=0.5, GATEWAY_READ_TIMEOUT=1.5)
+    api.send(service)
+    with delivery.Worker(app) as worker:
+        with app.app_context(), db.connection_context():
+            assert worker.run_once() == 2
+    assert stalled.accepted() == 1
     tried, waited = rows()
     assert tried.state == "pending" and tried.attempts == 1 and "timed out" in tried.last_error
     assert waited.state == "pending" and waited.attempts == 0 and waited.last_error is None
@@ -118,20 +122,14 @@ def test_a_delivery_waiting_too_long_for_a_slot_is_handed_back_untried(
 
 
 def test_a_stopping_worker_writes_what_is_under_way_and_hands_back_the_rest(
-        make_app, api, setup, service, register):
-    stalled = SocketGateway(never_answer)
-    try:
-        register(setup, "phone-1", url=stalled.url())
-        register(setup, "phone-2", url=stalled.url())
-        app = make_app(GATEWAY_CONCURRENCY=1, GATEWAY_CONNECT_TIMEOUT=0.5,
-                       GATEWAY_READ_TIMEOUT=1.5, WORKER_POLL_SECONDS=0.1)
-        api.send(service)
-        with running(app):
-            wait_until(lambda: stalled.accepted(), 10, "the first request to start")
-        # running() returned: the worker has stopped
-        assert stalled.accepted() == 1
-    finally:
-        stalled.close()
+        make_app, api, service, stalled):
+    app = make_app(GATEWAY_CONCURRENCY=1, GATEWAY_CONNECT_TIMEOUT=0.5,
+                   GATEWAY_READ_TIMEOUT=1.5, WORKER_POLL_SECONDS=0.1)
+    api.send(service)
+    with running(app):
+        wait_until(lambda: stalled.accepted(), 10, "the first request to start")
+    # running() returned: the worker has stopped
+    assert stalled.accepted() == 1
     tried, waited = rows()
     assert (tried.attempts, tried.lease_owner, tried.state) == (1, None, "pending")
     assert (waited.attempts, waited.lease_owner, waited.state) == (0, None, "pending")
