@@ -244,6 +244,7 @@ def envelope_for(pusher, notification, generations):
             "key_identifier": key_identifier, "identifier": notification.id}
 
 
+@functools.lru_cache(maxsize=4096)  # the same few URLs, delivery after delivery
 def url_form(url):
     """How a gateway URL ends: ``matrix`` (/_matrix/push/v1/notify), ``notify`` (a gematik
     /push/v1/notify) or ``base`` (a gematik /push/v1/ or /push/v1: the endpoint is ours to add)."""
@@ -253,6 +254,7 @@ def url_form(url):
     return "notify" if path.endswith(GEMATIK_NOTIFY) else "base"
 
 
+@functools.lru_cache(maxsize=4096)  # the same few URLs, delivery after delivery
 def endpoint(url, name):
     """The URL of gematik endpoint ``name`` of the gateway ``url`` belongs to (a base or its
     /notify): the endpoint after .../push/v1/, the query kept."""
